@@ -1,0 +1,31 @@
+# Set-up and entry points. Everything installs into $(VENV); override TORCH_SPEC for a CUDA build,
+# e.g. make test TORCH_SPEC=torch (the default pins the CPU wheel this project is tested with).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q pybind11 ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.bench_token_stats --quick
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_token_stats
+
+clean:
+	rm -rf $(VENV) build *.egg-info

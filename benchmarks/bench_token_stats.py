@@ -1,0 +1,117 @@
+"""token_stats against eager PyTorch (and torch.compile on CUDA).
+
+CUDA: median time by triton.testing.do_bench, GB/s from the 2*N*V bytes of bf16 logits, percent
+of a measured device-to-device copy, for V = 126464 and N = 64, 256, 4096, 16384.
+CPU: time and peak extra resident memory of the chunked torch path against eager at fp32; each
+variant runs in its own process so its peak is its own.
+
+    python -m benchmarks.bench_token_stats            # full setting, writes benchmarks/results/
+    python -m benchmarks.bench_token_stats --quick    # small CPU setting (the README demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from atpo_fast import token_stats
+from benchmarks.common import machine_info, measure_cpu, print_table, run_worker, write_results
+
+VOCAB = 126464
+GPU_ROWS = (64, 256, 4096, 16384)
+
+
+def eager_token_stats(logits: torch.Tensor):
+    """The plain PyTorch way: materialise the fp32 softmax, then reduce it."""
+    x = logits.float()
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    top = p.topk(2, dim=-1)
+    argmax = top.indices[..., 0]
+    return entropy, top.values[..., 0], top.values[..., 0] - top.values[..., 1], argmax, p.gather(-1, argmax[..., None])
+
+
+def _worker(variant: str, rows: int, vocab: int) -> dict:
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab) * 3
+    fn = {"atpo_fast": lambda: token_stats(logits, backend="torch"), "eager": lambda: eager_token_stats(logits)}[variant]
+    return measure_cpu(fn)
+
+
+def bench_cpu(rows: int, vocab: int) -> list[dict]:
+    results = {v: run_worker("benchmarks.bench_token_stats", [v, str(rows), str(vocab)]) for v in ("eager", "atpo_fast")}
+    eager = results["eager"]
+    table = []
+    for variant, r in results.items():
+        table.append({
+            "variant": variant, "N": rows, "V": vocab, "dtype": "float32",
+            "time_ms": r["seconds"] * 1e3, "peak_extra_MiB": r["peak_extra_bytes"] / 2**20,
+            "speedup_vs_eager": eager["seconds"] / r["seconds"],
+            "memory_vs_eager": r["peak_extra_bytes"] / eager["peak_extra_bytes"],
+        })
+    return table
+
+
+def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
+    from triton.testing import do_bench
+
+    copy_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = do_bench(lambda: copy_dst.copy_(copy_src), return_mode="median")
+    copy_gbps = 2 * copy_src.numel() / copy_ms / 1e6  # read + write
+    del copy_src, copy_dst
+    compiled = torch.compile(eager_token_stats)
+    table = []
+    for rows in rows_list:
+        logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 3
+        bytes_read = 2 * rows * vocab
+        variants = {"atpo_fast": lambda: token_stats(logits), "eager": lambda: eager_token_stats(logits),
+                    "torch.compile": lambda: compiled(logits)}
+        times = {}
+        for name, fn in variants.items():
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times[name] = do_bench(fn, return_mode="median")
+            peak = torch.cuda.max_memory_allocated() - base
+            table.append({"variant": name, "N": rows, "V": vocab, "dtype": "bfloat16", "time_ms": times[name],
+                          "GB/s": bytes_read / times[name] / 1e6,
+                          "pct_of_copy": 100 * bytes_read / times[name] / 1e6 / copy_gbps,
+                          "peak_extra_MiB": peak / 2**20})
+        for row in table[-3:]:
+            row["speedup_vs_eager"] = times["eager"] / row["time_ms"]
+            row["speedup_vs_compile"] = times["torch.compile"] / row["time_ms"]
+        del logits
+    for row in table:
+        row["copy_GB/s"] = copy_gbps
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU shape, no result files")
+    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "ROWS", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        variant, rows, vocab = args.worker
+        print(json.dumps(_worker(variant, int(rows), int(vocab))))
+        return
+
+    meta = machine_info()
+    if torch.cuda.is_available() and not args.quick:
+        table = bench_cuda()
+        columns = ["variant", "N", "V", "dtype", "time_ms", "GB/s", "pct_of_copy", "copy_GB/s", "peak_extra_MiB",
+                   "speedup_vs_eager", "speedup_vs_compile"]
+    else:
+        table = bench_cpu(256 if args.quick else 2048, VOCAB)
+        columns = ["variant", "N", "V", "dtype", "time_ms", "peak_extra_MiB", "speedup_vs_eager", "memory_vs_eager"]
+    print_table(columns, table)
+    if not args.quick:
+        path = write_results("token_stats", "token_stats: atpo_fast against PyTorch", columns, table, meta)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks: machine description, CPU memory probes, result tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Resident set size (VmRSS) or its peak (VmHWM) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a peak excludes earlier work."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_cpu(fn, repeats: int = 3) -> dict:
+    """Median wall time of fn() and its peak resident memory above the state before it.
+
+    One warm-up call runs first, so one-off initialisation stays out of both figures.
+    """
+    fn()
+    reset_peak_rss()
+    baseline = rss_bytes("VmRSS")
+    seconds = time_cpu(fn, repeats, warmup=False)
+    return {"seconds": seconds, "peak_extra_bytes": rss_bytes("VmHWM") - baseline}
+
+
+def time_cpu(fn, repeats: int = 3, warmup: bool = True) -> float:
+    """Median wall time of fn() in seconds, after one warm-up call unless warmup is False."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_worker(module: str, args: list[str]) -> dict:
+    """Run `python -m module --worker ...` in a fresh process (so its peak RSS is its own); parse JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "") -> Path:
+    """Write benchmarks/results/<name>_<device>_<date>.md and .json; returns the Markdown path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if meta.get("device", "cpu") != "cpu" else "cpu"
+    stem = RESULTS_DIR / f"{name}_{device}_{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in meta.items()), ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    path = stem.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(columns: list[str], rows: list[dict]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))

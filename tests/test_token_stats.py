@@ -1,0 +1,221 @@
+"""token_stats against the float64 reference, on both backends (Triton interpreted on CPU)."""
+
+import math
+
+import pytest
+import torch
+
+from atpo_fast import TokenStats, token_stats
+from atpo_fast import reference
+from atpo_fast.kernels.token_stats import softmax_row_stats
+from atpo_fast.ops.torch_stats import softmax_row_stats_torch
+from conftest import DEVICE
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-4, atol=1e-5),
+       torch.float16: dict(rtol=1e-4, atol=1e-5)}
+FLOAT_FIELDS = ("entropy", "top1_prob", "margin")
+
+
+def mixed_rows(vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of every hard kind: random, wide-scale, peaked, uniform, top-1 tie, top-2 tie, -inf columns."""
+    rand = lambda scale: torch.randn(vocab, generator=gen) * scale  # noqa: E731
+    pos = torch.randperm(vocab, generator=gen)[:3]
+    peaked = rand(1.0)
+    peaked[pos[0]] = 40.0
+    uniform = torch.full((vocab,), 0.37)
+    tie1 = rand(2.0)
+    tie1[pos[:2]] = tie1.max() + 1.0
+    tie2 = rand(2.0)
+    tie2[pos[0]] = tie2.max() + 2.0
+    tie2[pos[1:3]] = tie2[pos[0]] - 0.5
+    neg_inf = rand(3.0)
+    neg_inf[torch.rand(vocab, generator=gen) < 0.4] = float("-inf")
+    neg_inf[pos[0]] = 1.0  # at least one finite entry
+    first_inf = rand(1.0)
+    first_inf[0] = float("-inf")
+    return torch.stack([rand(1.0), rand(8.0), peaked, uniform, tie1, tie2, neg_inf, first_inf, rand(0.01)])
+
+
+def assert_matches_reference(stats: TokenStats, logits: torch.Tensor, targets=None):
+    ref = reference.token_stats(logits.cpu(), None if targets is None else targets.cpu())
+    tol = TOL[logits.dtype]
+    for name in FLOAT_FIELDS:
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32 and got.shape == logits.shape[:-1]
+        torch.testing.assert_close(got.cpu().double(), ref[name], equal_nan=True, **tol, msg=name)
+    assert stats.argmax.dtype == torch.int64
+    assert torch.equal(stats.argmax.cpu(), ref["argmax"]), "argmax"
+    if targets is not None:
+        torch.testing.assert_close(stats.target_logprob.cpu().double(), ref["target_logprob"], equal_nan=True,
+                                   **tol)
+    else:
+        assert stats.target_logprob is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [41, 1000])
+def test_matches_reference(backend, gen, dtype, vocab):
+    logits = mixed_rows(vocab, gen).to(dtype).to(DEVICE)
+    targets = torch.randint(0, vocab, logits.shape[:-1], generator=gen).to(DEVICE)
+    stats = token_stats(logits, targets=targets, backend=backend)
+    assert_matches_reference(stats, logits, targets)
+    # greedy: the sampled token is the argmax, its probability p1
+    assert torch.equal(stats.sampled, stats.argmax)
+    torch.testing.assert_close(stats.sampled_prob, stats.top1_prob, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab", [126464, 152064])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_vocab_sizes(backend, gen, vocab, dtype):
+    logits = torch.randn(3, vocab, generator=gen) * 4
+    logits[1, torch.randint(0, vocab, (1,), generator=gen)] = 30.0  # peaked
+    logits[2] = 0.5  # uniform: entropy = log V
+    logits = logits.to(dtype).to(DEVICE)
+    targets = torch.randint(0, vocab, (3,), generator=gen).to(DEVICE)
+    stats = token_stats(logits, targets=targets, backend=backend)
+    assert_matches_reference(stats, logits, targets)
+    assert math.isclose(stats.entropy[2].item(), math.log(vocab), rel_tol=1e-5)
+
+
+def test_leading_shape_and_strides(backend, gen):
+    vocab = 300
+    base = torch.randn(4, 6, vocab + 9, generator=gen).to(DEVICE)
+    views = {
+        "padded rows": base[..., 3:3 + vocab],  # row stride > V, offset start
+        "transposed": base[..., :vocab].transpose(0, 1),  # [6, 4, V], leading dims not foldable
+        "strided": base[:, ::2, :vocab],
+        "3-d contiguous": base[..., :vocab].contiguous(),
+    }
+    for name, logits in views.items():
+        stats = token_stats(logits, backend=backend)
+        assert stats.entropy.shape == logits.shape[:-1], name
+        assert_matches_reference(stats, logits)
+
+
+def test_no_read_outside_rows(backend, gen):
+    """Neighbouring memory holds NaN: any read past a row's V columns would poison its stats."""
+    vocab = 77
+    buf = torch.full((5, vocab + 2), float("nan"))
+    buf[:, 1:-1] = torch.randn(5, vocab, generator=gen)
+    logits = buf.to(DEVICE)[:, 1:-1]
+    stats = token_stats(logits, targets=torch.zeros(5, dtype=torch.int64, device=DEVICE), backend=backend)
+    assert not stats.entropy.isnan().any() and not stats.target_logprob.isnan().any()
+    assert_matches_reference(stats, logits, torch.zeros(5, dtype=torch.int64))
+
+
+def test_invalid_rows_are_nan_only_there(backend, gen):
+    logits = torch.randn(5, 50, generator=gen)
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 11] = float("inf")
+    stats = token_stats(logits.to(DEVICE), backend=backend)
+    bad = torch.tensor([False, True, True, True, False])
+    for name in FLOAT_FIELDS + ("sampled_prob",):
+        value = getattr(stats, name).cpu()
+        assert value[bad].isnan().all() and not value[~bad].isnan().any(), name
+    assert (stats.argmax.cpu()[bad] == -1).all() and (stats.sampled.cpu()[bad] == -1).all()
+    assert_matches_reference(stats, logits.to(DEVICE))
+
+
+@pytest.mark.parametrize("vocab,block_v,num_splits", [(41, 16, 1), (41, 16, 3), (1000, 64, 3), (1000, 128, 16)])
+def test_kernel_vocab_splits(gen, vocab, block_v, num_splits):
+    """The merge of split partial states, with ties placed across split boundaries."""
+    logits = mixed_rows(vocab, gen)
+    logits[4, [2, vocab - 3]] = 50.0  # top-1 tie across the first and last split
+    logits[5, [vocab // 2, 1]] = logits[5].max()  # top-2 tie spread over splits
+    logits = logits.to(DEVICE)
+    targets = torch.randint(0, vocab, logits.shape[:-1], generator=gen).to(DEVICE)
+    out = softmax_row_stats(logits, targets=targets, block_v=block_v, num_splits=num_splits)
+    stats = TokenStats(**{k: out[k] for k in TokenStats._fields})
+    assert_matches_reference(stats, logits, targets)
+    # the noise is keyed by (row, column), so a seeded sample does not depend on the split layout
+    split = softmax_row_stats(logits, temperature=1.0, seed=7, block_v=block_v, num_splits=num_splits)
+    whole = softmax_row_stats(logits, temperature=1.0, seed=7, num_splits=1)
+    assert torch.equal(split["sampled"], whole["sampled"])
+    torch.testing.assert_close(split["sampled_prob"], whole["sampled_prob"], equal_nan=True)
+
+
+@pytest.mark.parametrize("vocab,vocab_chunk,chunk_elems", [(41, 16, 64), (1000, 128, 300)])
+def test_torch_path_chunks(gen, vocab, vocab_chunk, chunk_elems):
+    logits = mixed_rows(vocab, gen)
+    logits[4, [2, vocab - 3]] = 50.0
+    targets = torch.randint(0, vocab, logits.shape[:-1], generator=gen)
+    before = logits.clone()
+    out = softmax_row_stats_torch(logits, targets=targets, vocab_chunk=vocab_chunk, chunk_elems=chunk_elems)
+    assert torch.equal(logits, before), "the input must not be modified"
+    stats = TokenStats(**{k: out[k] for k in TokenStats._fields})
+    assert_matches_reference(stats, logits, targets)
+
+
+def test_sampling_greedy_and_seeded(backend, gen):
+    logits = (torch.randn(64, 500, generator=gen) * 0.5).to(DEVICE)
+    greedy = token_stats(logits, temperature=0.0, backend=backend)
+    assert torch.equal(greedy.sampled, greedy.argmax)
+    assert torch.equal(token_stats(logits, temperature=None, backend=backend).sampled, greedy.argmax)
+
+    a = token_stats(logits, temperature=1.0, seed=123, backend=backend)
+    b = token_stats(logits, temperature=1.0, seed=123, backend=backend)
+    c = token_stats(logits, temperature=1.0, seed=124, backend=backend)
+    assert torch.equal(a.sampled, b.sampled)
+    assert not torch.equal(a.sampled, c.sampled)
+    assert not torch.equal(a.sampled, greedy.argmax)  # 64 rows of near-flat logits: greedy would be a miracle
+    probs = reference.token_stats(logits.cpu())["probs"]
+    expected = probs.gather(1, a.sampled.cpu()[:, None]).squeeze(1)
+    torch.testing.assert_close(a.sampled_prob.cpu().double(), expected, rtol=1e-5, atol=1e-7)
+    # statistics other than the sample do not depend on temperature
+    torch.testing.assert_close(a.entropy, greedy.entropy, rtol=0, atol=0)
+
+
+def chi2_critical(dof: int, z: float = 3.719) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at standard-normal z (3.719: p = 1e-4)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_sampling_distribution(backend):
+    """800 draws over 4 seeds at temperature 0.6: catches a dropped temperature and mis-scaled noise."""
+    z = torch.tensor([2.0, 1.2, 0.5, 0.0, -1.0, -2.5, float("-inf")])
+    temperature, rows, seeds = 0.6, 200, range(4)
+    counts = torch.zeros(len(z))
+    for seed in seeds:
+        s = token_stats(z.expand(rows, -1).to(DEVICE), temperature=temperature, seed=seed, backend=backend)
+        counts += torch.bincount(s.sampled.cpu(), minlength=len(z)).float()
+    assert counts[-1] == 0, "a -inf logit was sampled"
+    expected = torch.softmax(z.double() / temperature, 0)[:-1] * counts.sum()
+    chi2 = ((counts[:-1] - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi2_critical(len(z) - 2), f"chi2 = {chi2:.1f}"
+
+
+def test_torch_compile_graph(backend):
+    logits = torch.randn(4, 3, 33).to(DEVICE)
+
+    def f(x):
+        s = token_stats(x, backend=backend)
+        return s.entropy * 2 + s.margin
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(logits), f(logits))
+
+
+def test_empty_leading_shape(backend):
+    stats = token_stats(torch.randn(0, 3, 10).to(DEVICE), backend=backend)
+    assert stats.entropy.shape == (0, 3) and stats.argmax.shape == (0, 3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(logits=torch.zeros(2, 5, dtype=torch.int64)), "logits must be float32"),
+    (dict(logits=torch.zeros(2, 1)), "V >= 2"),
+    (dict(logits=torch.zeros(5, 2).t()), "unit-stride"),
+    (dict(logits=torch.zeros(2, 5), temperature=-1.0), "temperature must be finite and >= 0"),
+    (dict(logits=torch.zeros(2, 5), temperature=float("nan")), "temperature"),
+    (dict(logits=torch.zeros(2, 5), targets=torch.zeros(3, dtype=torch.int64)), "targets must have shape"),
+    (dict(logits=torch.zeros(2, 5), targets=torch.zeros(2, dtype=torch.int32)), "targets must be int64"),
+    (dict(logits=torch.zeros(2, 5), targets=torch.tensor([0, 5])), r"targets must lie in \[0, 5\)"),
+    (dict(logits=torch.zeros(2, 5), targets=torch.tensor([-100, 0])), "targets must lie in"),
+    (dict(logits=torch.zeros(2, 5), targets=torch.zeros(2, dtype=torch.int64, device="meta")), "targets must be on"),
+    (dict(logits=torch.zeros(2, 5), seed=-1), "seed"),
+    (dict(logits=torch.zeros(2, 5), backend="cuda"), "backend must be"),
+])
+def test_bad_input(kwargs, match):
+    logits = kwargs.pop("logits")
+    with pytest.raises(ValueError, match=match):
+        token_stats(logits, **kwargs)
