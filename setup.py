@@ -1,6 +1,31 @@
-"""The one place the build lives: the Python package, its Triton kernels and the C++/CUDA extension."""
+"""The one place the build lives: the Python package, its Triton kernels and the C++/CUDA extension.
+
+The extension atpo_fast._C is built from csrc/: its CPU sources always, its CUDA sources only
+where a CUDA toolkit and a CUDA build of torch are both present (ATPO_FAST_NO_CUDA=1 skips them).
+Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+"""
+
+import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+CSRC = Path("csrc")
+
+
+def native_extension():
+    cpp = sorted(str(p) for p in CSRC.glob("*.cpp"))
+    cuda = sorted(str(p) for p in CSRC.glob("*.cu"))
+    extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch's build tooling picks for its headers
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("ATPO_FAST_NO_CUDA") != "1"
+    if with_cuda:
+        extra["nvcc"] = ["-O3"]
+        return CUDAExtension("atpo_fast._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
+                             extra_compile_args=extra)
+    return CppExtension("atpo_fast._C", cpp, extra_compile_args=extra)
+
 
 setup(
     name="atpo_fast",
@@ -9,6 +34,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["atpo_fast", "atpo_fast.*"]) + ["atpo_fast.kernels"],
     package_dir={"atpo_fast.kernels": "kernels"},
+    ext_modules=[native_extension()],
+    cmdclass={"build_ext": BuildExtension},
     install_requires=[
         "torch>=2.4",
         "triton>=3.1; platform_system == 'Linux'",

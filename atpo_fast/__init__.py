@@ -1,7 +1,9 @@
 """atpo_fast: fast ATPO (adaptive trajectory policy optimisation) for masked-diffusion LLMs."""
 
-from atpo_fast.ops import StepStats, TokenStats, step_stats, token_stats
+from atpo_fast.ops import (StepRows, StepStats, TokenStats, build_step_rows, fused_linear_logprobs,
+                           selected_logprobs, step_stats, token_stats)
 
 __version__ = "0.1.0"
 
-__all__ = ["StepStats", "TokenStats", "step_stats", "token_stats"]
+__all__ = ["StepRows", "StepStats", "TokenStats", "build_step_rows", "fused_linear_logprobs", "selected_logprobs",
+           "step_stats", "token_stats"]

@@ -10,12 +10,19 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE_INDEX = -100
 
 
-def check_logits(logits: torch.Tensor, name: str = "logits") -> int:
+def check_float(tensor: torch.Tensor, name: str, backend: str) -> None:
+    """A float32/bfloat16/float16 tensor; float64 too on the torch backend (for gradcheck)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype in FLOAT_DTYPES or (tensor.dtype == torch.float64 and backend == "torch"):
+        return
+    extra = " (float64 only with backend='torch')" if tensor.dtype == torch.float64 else ""
+    raise ValueError(f"{name} must be float32, bfloat16 or float16{extra}, got {tensor.dtype}")
+
+
+def check_logits(logits: torch.Tensor, backend: str, name: str = "logits") -> int:
     """Check a [..., V] float tensor with a unit-stride last dim; returns V."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    check_float(logits, name, backend)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
     vocab = logits.shape[-1]
@@ -38,7 +45,10 @@ def check_targets(
     allow_ignore: bool,
     name: str = "targets",
 ) -> None:
-    """Check int64 targets of `shape` on `device` with values in [0, vocab) (or IGNORE_INDEX)."""
+    """Check int64 targets of `shape` on `device` with values in [0, vocab) (or IGNORE_INDEX).
+
+    The value range (which needs the data) is checked in eager mode, not inside torch.compile.
+    """
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype != torch.int64:
@@ -47,8 +57,8 @@ def check_targets(
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"{name} must be on {device}, got {targets.device}")
-    if targets.numel() == 0:
-        return
+    if targets.numel() == 0 or torch.compiler.is_compiling():
+        return  # a value check cannot run inside a traced graph; eager calls always check
     valid = (targets >= 0) & (targets < vocab)
     if allow_ignore:
         valid |= targets == IGNORE_INDEX
@@ -71,8 +81,12 @@ def check_temperature(temperature: float | None, *, allow_zero: bool, name: str 
     return temperature
 
 
-def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve "auto" to "triton" on CUDA and "torch" elsewhere; validate explicit choices."""
+def check_backend(backend: str, tensor: torch.Tensor, name: str) -> str:
+    """Resolve "auto" to "triton" on CUDA and "torch" elsewhere for the device of `tensor` (the
+    argument called `name`); validate explicit choices."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    device = tensor.device
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":

@@ -11,13 +11,13 @@ variant runs in its own process so its peak is its own.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from atpo_fast import token_stats
-from benchmarks.common import machine_info, measure_cpu, print_table, run_worker, write_results
+from benchmarks.common import (machine_info, measure_cpu, measure_in_workers, parse_args, print_table,
+                               write_results)
 
 VOCAB = 126464
 GPU_ROWS = (64, 256, 4096, 16384)
@@ -42,7 +42,7 @@ def _worker(variant: str, rows: int, vocab: int) -> dict:
 
 
 def bench_cpu(rows: int, vocab: int) -> list[dict]:
-    results = {v: run_worker("benchmarks.bench_token_stats", [v, str(rows), str(vocab)]) for v in ("eager", "atpo_fast")}
+    results = {v: measure_in_workers("benchmarks.bench_token_stats", [v, str(rows), str(vocab)]) for v in ("eager", "atpo_fast")}
     eager = results["eager"]
     table = []
     for variant, r in results.items():
@@ -90,10 +90,7 @@ def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small CPU shape, no result files")
-    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "ROWS", "VOCAB"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(__doc__, ("VARIANT", "ROWS", "VOCAB"))
     if args.worker:
         variant, rows, vocab = args.worker
         print(json.dumps(_worker(variant, int(rows), int(vocab))))

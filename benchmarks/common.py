@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -62,7 +63,7 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure_cpu(fn, repeats: int = 3) -> dict:
+def measure_cpu(fn, repeats: int = 5) -> dict:
     """Median wall time of fn() and its peak resident memory above the state before it.
 
     One warm-up call runs first, so one-off initialisation stays out of both figures.
@@ -86,13 +87,25 @@ def time_cpu(fn, repeats: int = 3, warmup: bool = True) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_worker(module: str, args: list[str]) -> dict:
+def run_worker(module: str, args: list[str], env: dict | None = None) -> dict:
     """Run `python -m module --worker ...` in a fresh process (so its peak RSS is its own); parse JSON."""
     proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_in_workers(module: str, args: list[str]) -> dict:
+    """Time and peak memory of one variant, each from its own fresh worker process.
+
+    Memory is read with glibc told to mmap every block over 64 KiB (MALLOC_MMAP_THRESHOLD_), so
+    freed memory leaves the process and resident size follows live memory; otherwise a warm-up's
+    freed heap would hide the next call's allocations. Time is read with the default allocator.
+    """
+    seconds = run_worker(module, args)["seconds"]
+    peak = run_worker(module, args, env={"MALLOC_MMAP_THRESHOLD_": "65536"})["peak_extra_bytes"]
+    return {"seconds": seconds, "peak_extra_bytes": peak}
 
 
 def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "") -> Path:
@@ -124,3 +137,12 @@ def print_table(columns: list[str], rows: list[dict]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in rows:
         print("  ".join(_fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def parse_args(doc: str, worker_fields: tuple[str, ...] = ()) -> argparse.Namespace:
+    """The benchmarks' command line: --quick, and the hidden --worker a parent uses to spawn a process."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
+    if worker_fields:
+        parser.add_argument("--worker", nargs=len(worker_fields), metavar=worker_fields, help=argparse.SUPPRESS)
+    return parser.parse_args()

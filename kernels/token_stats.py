@@ -211,7 +211,7 @@ def softmax_row_stats(
     _merge_kernel[(n_rows,)](
         part, part_idx, field_stride, n_splits,
         logits, stride_outer, stride_inner, inner_size, float(scale),
-        targets.reshape(-1) if targets is not None else part_idx,
+        targets.reshape(-1).contiguous() if targets is not None else part_idx,
         out.get("entropy", dummy), out.get("lse", dummy), out.get("target_logprob", dummy),
         out.get("top1_prob", dummy), out.get("margin", dummy),
         out.get("argmax", dummy), out.get("sampled", dummy), out.get("sampled_prob", dummy),

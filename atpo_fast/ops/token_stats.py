@@ -75,13 +75,13 @@ def token_stats(
     streams); without it, torch's global generator decides. backend: "auto" (Triton on CUDA,
     chunked torch elsewhere), "triton" or "torch".
     """
-    vocab = check_logits(logits)
+    backend = check_backend(backend, logits, "logits")
+    vocab = check_logits(logits, backend)
     temperature = check_temperature(temperature, allow_zero=True)
     if targets is not None:
         check_targets(targets, logits.shape[:-1], vocab, logits.device, allow_ignore=False)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    backend = check_backend(backend, logits.device)
     outs = _token_stats_op(logits, temperature, seed, targets, backend)
     shape = logits.shape[:-1]
     fields = [o.view(shape) for o in outs[:-1]]

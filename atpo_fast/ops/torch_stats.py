@@ -93,14 +93,21 @@ def _merge(a: _State, b: _State) -> _State:
     )
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs are worked on in float64 (for gradcheck), everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _load_chunk(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x [R, C] as a fresh float32 [R, ceil(C / BLOCK) * BLOCK] tensor, padded with -inf, times scale."""
+    """x [R, C] as a fresh [R, ceil(C / BLOCK) * BLOCK] tensor in the working dtype, padded with -inf,
+    times scale."""
     rows, cols = x.shape
     padded = -(-cols // BLOCK) * BLOCK
+    dtype = working_dtype(x.dtype)
     if padded == cols:
-        z = x.to(torch.float32, copy=True)
+        z = x.to(dtype, copy=True)
     else:
-        z = torch.full((rows, padded), float("-inf"), device=x.device)
+        z = torch.full((rows, padded), float("-inf"), dtype=dtype, device=x.device)
         z[:, :cols] = x
     return z if scale == 1.0 else z.mul_(scale)
 
@@ -118,11 +125,15 @@ def softmax_row_stats_torch(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     vocab_chunk: int = VOCAB_CHUNK,
 ) -> dict[str, torch.Tensor]:
-    """Torch twin of kernels.token_stats.softmax_row_stats on x [..., V]; outputs have shape [N]."""
+    """Torch twin of kernels.token_stats.softmax_row_stats on x [..., V]; outputs have shape [N].
+
+    Works in float32, or float64 for float64 input; float outputs are in that dtype.
+    """
     vocab = x.shape[-1]
     x = x.reshape(-1, vocab)
     n_rows = x.shape[0]
-    out = row_stat_outputs(n_rows, x.device, entropy=entropy, lse=lse, targets=targets is not None, top2=top2)
+    out = row_stat_outputs(n_rows, x.device, entropy=entropy, lse=lse, targets=targets is not None, top2=top2,
+                           dtype=working_dtype(x.dtype))
     cols = max(2, min(vocab, vocab_chunk))
     rows = max(1, chunk_elems // cols)
     inv_temperature = 1.0 / temperature if (top2 and temperature > 0) else None
@@ -162,6 +173,6 @@ def _finish(s: _State, x: torch.Tensor, scale: float, targets: torch.Tensor | No
     }
     if targets is not None:
         ignored = targets == IGNORE_INDEX
-        x_t = x.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1).float() * scale
+        x_t = x.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1).to(m_ref.dtype) * scale
         out["target_logprob"] = checked(x_t - m_ref - log_d).masked_fill(ignored, 0.0)
     return out

@@ -1,0 +1,317 @@
+"""selected_logprobs and fused_linear_logprobs: values and gradients against float64 references.
+
+float32: within 1e-5 relative. bfloat16/float16: the relative error (Frobenius norm) at most torch's
+own low-precision computation's plus 1e-4; elementwise maxima would flip on single-ulp rounding.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atpo_fast import fused_linear_logprobs, reference, selected_logprobs
+from atpo_fast.kernels import interpreter_enabled
+from conftest import DEVICE
+
+LOW = (torch.bfloat16, torch.float16)
+fll = importlib.import_module("atpo_fast.ops.fused_linear_logprobs")  # the module, not the function
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_fp32_close(x, ref, msg=""):
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(x.double(), ref, rtol=1e-5, atol=1e-5 * scale + 1e-9, equal_nan=True, msg=msg)
+
+
+def random_targets(n, vocab, gen, ignored=0.2):
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < ignored] = -100
+    return targets
+
+
+# ---------------------------------------------------------------- selected_logprobs
+
+def logits_and_targets(n, vocab, gen, neg_inf=True):
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    targets = random_targets(n, vocab, gen)
+    if neg_inf:
+        hole = torch.rand(n, vocab, generator=gen) < 0.1
+        hole[torch.arange(n), targets.clamp_min(0)] = False  # keep targets finite
+        logits[hole] = float("-inf")
+    return logits, targets
+
+
+def run_selected(logits, targets, temperature, backend, weights):
+    x = logits.detach().clone().requires_grad_()
+    logp = selected_logprobs(x, targets, temperature=temperature, backend=backend)
+    (logp * weights).sum().backward()
+    return logp.detach(), x.grad
+
+
+def reference_selected(logits, targets, temperature, weights):
+    x = logits.detach().double().requires_grad_()
+    logp = reference.selected_logprobs(x, targets, temperature)
+    (logp * weights.double()).sum().backward()
+    return logp.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab,temperature", [(41, 1.0), (1000, 0.7), (1000, 1.6)])
+def test_selected_matches_reference(backend, gen, dtype, vocab, temperature):
+    logits, targets = logits_and_targets(13, vocab, gen)
+    logits = logits.to(dtype)
+    weights = torch.randn(13, generator=gen)
+    logp, grad = run_selected(logits.to(DEVICE), targets.to(DEVICE), temperature, backend, weights.to(DEVICE))
+    ref_logp, ref_grad = reference_selected(logits, targets, temperature, weights)
+    assert logp.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.equal(logp.cpu()[targets == -100], torch.zeros(int((targets == -100).sum())))
+    assert (grad.cpu()[targets == -100] == 0).all()
+    if dtype == torch.float32:
+        assert_fp32_close(logp.cpu(), ref_logp, "logprob")
+        assert_fp32_close(grad.cpu(), ref_grad, "grad")
+        return
+    # torch's own computation in the low precision
+    x = logits.detach().clone().requires_grad_()
+    own = torch.log_softmax(x / temperature, dim=-1).gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    own = own.masked_fill(targets == -100, 0.0)
+    (own * weights.to(dtype)).sum().backward()
+    assert rel_err(logp.cpu(), ref_logp) <= rel_err(own.detach(), ref_logp) + 1e-4
+    # Triton's interpreter truncates fp32 -> bf16 (runtime/interpreter.py, _convert_float) where
+    # compiled kernels round to nearest: truncation's RMS error is exactly twice rounding's.
+    slack = 2.0 if (backend == "triton" and interpreter_enabled() and dtype == torch.bfloat16) else 1.0
+    assert rel_err(grad.cpu(), ref_grad) <= slack * rel_err(x.grad, ref_grad) + 1e-4
+
+
+def test_selected_real_vocab(backend, gen):
+    logits, targets = logits_and_targets(2, 126464, gen)
+    targets[1] = 126463
+    weights = torch.randn(2, generator=gen)
+    logp, grad = run_selected(logits.to(DEVICE), targets.to(DEVICE), 1.0, backend, weights.to(DEVICE))
+    ref_logp, ref_grad = reference_selected(logits, targets, 1.0, weights)
+    assert_fp32_close(logp.cpu(), ref_logp)
+    assert_fp32_close(grad.cpu(), ref_grad)
+
+
+def test_selected_strided_and_leading_shape(backend, gen):
+    base = torch.randn(5, 3, 60, generator=gen)
+    for logits in (base[..., 4:51], base[..., :47].transpose(0, 1)):
+        targets = torch.randint(0, 47, logits.shape[:-1], generator=gen)
+        weights = torch.randn(logits.shape[:-1], generator=gen)
+        logp, grad = run_selected(logits.to(DEVICE), targets.to(DEVICE), 0.9, backend, weights.to(DEVICE))
+        ref_logp, ref_grad = reference_selected(logits, targets, 0.9, weights)
+        assert logp.shape == logits.shape[:-1] and grad.shape == logits.shape
+        assert_fp32_close(logp.cpu(), ref_logp)
+        assert_fp32_close(grad.cpu(), ref_grad)
+
+
+def test_selected_expanded_grad_output(backend, gen):
+    """An upstream gradient with stride 0 (from .sum()) must be read per row."""
+    logits, targets = logits_and_targets(6, 30, gen, neg_inf=False)
+    x = logits.to(DEVICE).requires_grad_()
+    selected_logprobs(x, targets.to(DEVICE), backend=backend).sum().backward()
+    _, ref_grad = reference_selected(logits, targets, 1.0, torch.ones(6))
+    assert_fp32_close(x.grad.cpu(), ref_grad)
+
+
+def test_selected_ignored_rows_with_garbage(backend, gen):
+    """Ignored rows (-100) give 0 and an exactly-zero gradient even when their logits are NaN padding."""
+    logits, targets = logits_and_targets(6, 30, gen, neg_inf=False)
+    targets[[1, 4]] = -100
+    logits[1] = float("nan")
+    logits[4, 3] = float("inf")
+    x = logits.to(DEVICE).requires_grad_()
+    logp = selected_logprobs(x, targets.to(DEVICE), backend=backend)
+    logp.sum().backward()
+    assert (logp.detach().cpu()[[1, 4]] == 0).all() and (x.grad.cpu()[[1, 4]] == 0).all()
+    keep = torch.tensor([0, 2, 3, 5])
+    _, ref_grad = reference_selected(logits[keep], targets[keep], 1.0, torch.ones(4))
+    assert_fp32_close(x.grad.cpu()[keep], ref_grad)
+
+
+def test_selected_entropy(backend, gen):
+    logits, targets = logits_and_targets(9, 200, gen)
+    logp, entropy = selected_logprobs(logits.to(DEVICE), targets.to(DEVICE), temperature=0.8, return_entropy=True,
+                                      backend=backend)
+    assert not entropy.requires_grad
+    ref = reference.token_stats(logits / 0.8)["entropy"]
+    assert_fp32_close(entropy.cpu(), ref)
+
+
+def test_selected_gradcheck_double(gen):
+    logits, targets = logits_and_targets(4, 7, gen, neg_inf=False)
+    x = logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: selected_logprobs(z, targets, temperature=0.7, backend="torch"), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_selected_compiles(backend, gen):
+    logits, targets = logits_and_targets(5, 33, gen, neg_inf=False)
+    x = logits.to(DEVICE).requires_grad_()
+
+    def loss(z):
+        return (selected_logprobs(z, targets.to(DEVICE), backend=backend) ** 2).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    value = compiled(x)
+    value.backward()
+    grad = x.grad.clone()
+    x.grad = None
+    loss(x).backward()
+    torch.testing.assert_close(value, loss(x))
+    torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((torch.zeros(3, 5, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)), {}, "logits must be float32"),
+    ((torch.zeros(3, 5), torch.zeros(4, dtype=torch.int64)), {}, "targets must have shape"),
+    ((torch.zeros(3, 5), torch.zeros(3)), {}, "targets must be int64"),
+    ((torch.zeros(3, 5), torch.tensor([0, 5, 1])), {}, r"targets must lie in \[0, 5\) or -100"),
+    ((torch.zeros(3, 5), torch.tensor([0, -1, 1])), {}, "targets must lie in"),
+    ((torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64)), dict(temperature=0.0), "temperature must be finite and > 0"),
+    ((torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)), dict(backend="triton"),
+     "float64 only with backend='torch'"),
+])
+def test_selected_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        selected_logprobs(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- fused_linear_logprobs
+
+def linear_problem(n, d, vocab, gen, bias=True, dtype=torch.float32):
+    hidden = torch.randn(n, d, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, d, generator=gen) / d ** 0.5).to(dtype)
+    b = (torch.randn(vocab, generator=gen) * 0.5).to(dtype) if bias else None
+    return hidden, weight, b, random_targets(n, vocab, gen), torch.randn(n, generator=gen)
+
+
+def run_fused(hidden, weight, bias, targets, weights, temperature, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logp = fused_linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature, **kwargs)
+    (logp * weights).sum().backward()
+    return [logp.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def reference_fused(hidden, weight, bias, targets, weights, temperature):
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logits = F.linear(leaves[0], leaves[1], leaves[2])
+    logp = reference.selected_logprobs(logits, targets, temperature)
+    (logp * weights.double()).sum().backward()
+    return [logp.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def torch_own_fused(hidden, weight, bias, targets, weights, temperature):
+    """Eager PyTorch in the inputs' precision: F.linear, then log_softmax of the float logits."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logits = F.linear(leaves[0], leaves[1], leaves[2])
+    logp = torch.log_softmax(logits.float() / temperature, -1).gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    logp = logp.masked_fill(targets == -100, 0.0)
+    (logp * weights).sum().backward()
+    return [logp.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("vocab,bias,temperature,chunk_bytes,vocab_tile", [
+    (41, True, 1.0, 4 * 41 * 5, 16),  # several vocabulary slices and row chunks
+    (1000, False, 0.7, 4 * 1000 * 8, 32768),
+    (1000, True, 1.3, 1 << 20, 256),
+])
+def test_fused_linear_fp32(gen, monkeypatch, vocab, bias, temperature, chunk_bytes, vocab_tile):
+    monkeypatch.setattr(fll, "VOCAB_TILE", vocab_tile)
+    problem = linear_problem(37, 19, vocab, gen, bias=bias)
+    got = run_fused(*problem, temperature, chunk_bytes=chunk_bytes)
+    ref = reference_fused(*problem, temperature)
+    for name, g, r in zip(("logprob", "hidden", "weight", "bias"), got, ref):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == (torch.float32 if name == "logprob" else problem[["logprob", "hidden", "weight", "bias"].index(name) - 1].dtype)
+        assert_fp32_close(g, r, name)
+
+
+def test_fused_linear_real_vocab(gen):
+    problem = linear_problem(3, 16, 126464, gen)
+    got = run_fused(*problem, 1.0)
+    ref = reference_fused(*problem, 1.0)
+    for name, g, r in zip(("logprob", "hidden", "weight", "bias"), got, ref):
+        assert_fp32_close(g, r, name)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_low_precision(gen, monkeypatch, dtype, bias):
+    monkeypatch.setattr(fll, "VOCAB_TILE", 128)
+    problem = linear_problem(29, 24, 500, gen, bias=bias, dtype=dtype)
+    got = run_fused(*problem, 0.9, chunk_bytes=4 * 128 * 8)
+    ref = reference_fused(*problem, 0.9)
+    own = torch_own_fused(*problem, 0.9)
+    for name, g, r, o in zip(("logprob", "hidden", "weight", "bias"), got, ref, own):
+        if r is None:
+            continue
+        assert g.dtype == (torch.float32 if name == "logprob" else dtype), name
+        assert rel_err(g, r) <= rel_err(o, r) + 1e-4, name
+
+
+def test_fused_linear_mixed_dtypes(gen):
+    """bf16 hidden with an fp32 LM head (autocast training): matmuls in bf16, grads in each input's dtype."""
+    hidden, weight, bias, targets, weights = linear_problem(11, 16, 300, gen)
+    got = run_fused(hidden.bfloat16(), weight, bias, targets, weights, 1.0)
+    ref = reference_fused(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), targets, weights, 1.0)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 2e-2
+
+
+def test_fused_linear_gradcheck_double(gen, monkeypatch):
+    monkeypatch.setattr(fll, "VOCAB_TILE", 4)
+    hidden, weight, bias, targets, _ = linear_problem(5, 3, 9, gen)
+    inputs = tuple(t.double().requires_grad_() for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_logprobs(h, w, targets, bias=b, temperature=0.8, chunk_bytes=8 * 4 * 2),
+        inputs, eps=1e-6, atol=1e-7)
+
+
+def test_fused_linear_frozen_head(gen):
+    """Only hidden needs a gradient (frozen LM head): the weight gets none."""
+    hidden, weight, _, targets, weights = linear_problem(7, 8, 50, gen, bias=False)
+    h = hidden.clone().requires_grad_()
+    (fused_linear_logprobs(h, weight, targets) * weights).sum().backward()
+    ref = reference_fused(hidden, weight, None, targets, weights, 1.0)
+    assert weight.grad is None
+    assert_fp32_close(h.grad, ref[1])
+
+
+def test_fused_linear_never_holds_full_logits(gen):
+    """No single allocation comes near the [N, V] logits (the profiler records every op's allocations)."""
+    n, d, vocab = 256, 16, 8192
+    hidden, weight, bias, targets, weights = linear_problem(n, d, vocab, gen)
+    chunk_bytes = 64 * 1024
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with torch.profiler.profile(profile_memory=True) as prof:
+        (fused_linear_logprobs(h, w, targets, bias=bias, chunk_bytes=chunk_bytes) * weights).sum().backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    logits_bytes = n * vocab * 4  # 8 MiB
+    weight_bytes = vocab * d * 4  # the weight gradient itself: 512 KiB
+    assert largest <= weight_bytes + 64 * 1024, f"{largest} bytes in one op; full logits take {logits_bytes}"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hidden=torch.zeros(2, 3, 4)), r"hidden must have shape \[N, D\]"),
+    (dict(weight=torch.zeros(10, 5)), r"weight must have shape \[V, D=4\]"),
+    (dict(weight=torch.zeros(1, 4)), "V >= 2"),
+    (dict(hidden=torch.zeros(3, 4, dtype=torch.int64)), "hidden must be float32"),
+    (dict(bias=torch.zeros(9)), r"bias must have shape \[V=10\]"),
+    (dict(targets=torch.tensor([0, 10, 1])), r"targets must lie in \[0, 10\) or -100"),
+    (dict(targets=torch.zeros(2, dtype=torch.int64)), "targets must have shape"),
+    (dict(chunk_bytes=0), "chunk_bytes must be a positive int"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_fused_linear_bad_input(kwargs, match):
+    args = dict(hidden=torch.zeros(3, 4), weight=torch.zeros(10, 4), targets=torch.zeros(3, dtype=torch.int64))
+    args.update(kwargs)
+    hidden, weight, targets = args.pop("hidden"), args.pop("weight"), args.pop("targets")
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprobs(hidden, weight, targets, **args)
