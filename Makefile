@@ -1,5 +1,6 @@
 # Set-up and entry points. Everything installs into $(VENV); override TORCH_SPEC for a CUDA build,
 # e.g. make test TORCH_SPEC=torch (the default pins the CPU wheel this project is tested with).
+# make demo ARGS="seed=1 selection.rule=uniform" passes config overrides to atpo-train.
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -22,10 +23,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.bench_token_stats --quick
+	$(VENV)/bin/atpo-train $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_token_stats
+	$(PY) -m benchmarks.bench_logprobs
+	$(PY) -m benchmarks.bench_step_rows
+	$(PY) -m benchmarks.bench_sampler
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -45,8 +45,10 @@ setup(
         "tqdm",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["atpo-train=atpo_fast.cli:train_main", "atpo-eval=atpo_fast.cli:eval_main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
+        "tensorboard": ["tensorboard"],
         "flash": ["flash-attn"],
     },
 )

@@ -68,3 +68,52 @@ def step_stats(entropy, margin, token_mask, prev_entropy=None, relative=False) -
         if relative:
             roec = roec / (prev_entropy.double() + 1e-6)
     return {"entropy": mean_h, "margin": mean_m, "roec": roec, "count": count}
+
+
+def llada_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, block_end: int, num_transfer: torch.Tensor,
+               temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of LLaDA's reference sampler after the forward: the new tokens [B, L].
+
+    logits [B, L, V] for every position; LLaDA's float64 Gumbel noise (exp(z) / (-log u)^T) when
+    temperature > 0; confidence = float64 softmax probability of the predicted token, -inf past
+    the current block; top-k per row with k = num_transfer [B]. Like atpo_fast's sampler, the
+    [MASK] token is excluded from the prediction (LLaDA leaves it in; its trained model gives it
+    almost no mass, but an untrained one can predict it and leave a committed position masked).
+    """
+    z = logits.double().clone()
+    z[..., mask_id] = float("-inf")
+    if temperature > 0:
+        noise = torch.rand(z.shape, dtype=torch.float64, device=z.device, generator=generator)
+        predicted = (z.exp() / (-torch.log(noise)) ** temperature).argmax(-1)
+    else:
+        predicted = z.argmax(-1)
+    confidence = torch.softmax(z, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
+    confidence[:, block_end:] = float("-inf")
+    masked = tokens == mask_id
+    predicted = torch.where(masked, predicted, tokens)
+    confidence = torch.where(masked, confidence, float("-inf"))
+    commit = torch.zeros_like(masked)
+    for row in range(tokens.shape[0]):
+        commit[row, confidence[row].topk(int(num_transfer[row])).indices] = True
+    return torch.where(commit, predicted, tokens)
+
+
+def llada_generate(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps: int,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LLaDA's reference generate (greedy, low_confidence remasking) written out: tokens [B, Lp + gen]."""
+    batch, prompt_len = prompt_ids.shape
+    tokens = torch.full((batch, prompt_len + gen_length), model.mask_id, dtype=torch.int64, device=prompt_ids.device)
+    tokens[:, :prompt_len] = prompt_ids
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        masked = (tokens[:, start:start + block_length] == model.mask_id).sum(1)
+        base, remainder = masked // steps_per_block, masked % steps_per_block
+        for i in range(steps_per_block):
+            num_transfer = base + (i < remainder).long()
+            logits = model.logits(tokens, attention_mask)
+            tokens = llada_step(logits, tokens, model.mask_id, start + block_length, num_transfer)
+    return tokens

@@ -87,6 +87,19 @@ def time_cpu(fn, repeats: int = 3, warmup: bool = True) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict, repeats: int = 9) -> dict:
+    """Median seconds of each fn, calls interleaved round-robin so drift hits every variant alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def run_worker(module: str, args: list[str], env: dict | None = None) -> dict:
     """Run `python -m module --worker ...` in a fresh process (so its peak RSS is its own); parse JSON."""
     proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,

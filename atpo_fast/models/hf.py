@@ -1,0 +1,128 @@
+"""Adapters for pretrained dLLMs loaded with transformers from a local folder: LLaDA and Dream.
+
+Hidden states are taken by running the model with its LM head swapped for an identity, so the
+[B, L, V] logits are never computed; the sampler and the trainer apply the head where needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atpo_fast.models.base import DiffusionLM
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_types: tuple[str, ...]  # config.json model_type values that belong to the family
+    mask_id: int
+    shift: bool  # the model predicts token i+1 at position i
+    four_d_mask: bool  # padded batches take a [B, 1, L, L] bool mask plus position ids (Dream's convention)
+
+
+FAMILIES = {
+    "llada": ModelFamily("llada", ("llada",), mask_id=126336, shift=False, four_d_mask=False),
+    "dream": ModelFamily("dream", ("Dream", "dream"), mask_id=151666, shift=True, four_d_mask=True),
+}
+
+
+@contextlib.contextmanager
+def _head_as_identity(model: nn.Module):
+    """Run `model` with its output embedding replaced by nn.Identity (restored afterwards)."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+class HFDiffusionLM(DiffusionLM):
+    """A transformers dLLM (AutoModel with trust_remote_code) behind the DiffusionLM interface."""
+
+    def __init__(self, model: nn.Module, family: ModelFamily, tokenizer=None, max_length: int | None = None):
+        super().__init__()
+        self.model, self.family, self.tokenizer = model, family, tokenizer
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"the {family.name} model's output embedding must be an nn.Linear, got "
+                             f"{type(head).__name__} (tied input/output embeddings are not supported)")
+        if getattr(model.config, "scale_logits", False):
+            raise ValueError(f"the {family.name} model scales its logits (config.scale_logits); not supported")
+        self.mask_id, self.shift = family.mask_id, family.shift
+        self.vocab_size = head.out_features
+        config = model.config
+        self.max_length = max_length or getattr(config, "max_sequence_length", None) or config.max_position_embeddings
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"the {self.family.name} model was loaded without a tokenizer")
+        if getattr(self.tokenizer, "chat_template", None):
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                           add_generation_prompt=True, tokenize=True))
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        ids = ids.tolist()
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _hidden_states(self, input_ids, attention_mask):
+        kwargs = {}
+        if attention_mask is not None and self.family.four_d_mask:
+            real = attention_mask.bool()
+            kwargs["attention_mask"] = real[:, None, :, None] & real[:, None, None, :]
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        elif attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        head = self.lm_head
+        with _head_as_identity(self.model):
+            hidden = self.model(input_ids=input_ids, **kwargs).logits
+        if hidden.shape[-1] != head.in_features:
+            raise RuntimeError(f"the {self.family.name} model did not return hidden states of size "
+                               f"{head.in_features} with its LM head removed; got {tuple(hidden.shape)}")
+        return hidden
+
+
+def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+                         attn_implementation: str | None = None) -> HFDiffusionLM:
+    """Load a LLaDA or Dream checkpoint from the local folder `path` (no download)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    fam = FAMILIES[family]
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model path {str(path)!r} does not exist or is not a folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model path {str(path)!r} holds no config.json: not a transformers checkpoint")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in fam.model_types:
+        raise ValueError(f"model path {str(path)!r} is not a {family} model: config.json model_type is "
+                         f"{model_type!r}, expected one of {list(fam.model_types)}")
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as err:
+            raise ValueError("attn_implementation='flash_attention_2' needs the optional flash-attn package") from err
+    from transformers import AutoModel, AutoTokenizer
+
+    kwargs = {"trust_remote_code": True, "dtype": dtype, "local_files_only": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModel.from_pretrained(str(folder), **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    return HFDiffusionLM(model, fam, tokenizer)

@@ -1,0 +1,251 @@
+"""The dLLM sampler: LLaDA-style semi-autoregressive block unmasking that records the trajectory.
+
+At every denoising step: one model forward, the LM head applied to the masked positions of the
+current block only ([MASK] itself excluded from the vocabulary), one token_stats pass over those rows (entropy, margin, argmax or a Gumbel
+sample and its probability), then the commit. The per-step confusion signals come out of that same
+pass; nothing of size V outlives a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from atpo_fast._checks import check_temperature
+from atpo_fast.models.base import DiffusionLM
+from atpo_fast.ops.step_stats import step_stats
+from atpo_fast.ops.token_stats import token_stats
+
+REMASKING_RULES = ("low_confidence", "margin", "entropy", "random")
+
+
+@dataclasses.dataclass
+class Trace:
+    """Per-step signals of a rollout, each [B, T] (float32 unless noted; NaN where the set is empty)."""
+
+    entropy: torch.Tensor  # mean entropy over the tokens committed at the step (H_t)
+    margin: torch.Tensor  # mean p1 - p2 over the tokens committed at the step (CM_t)
+    roec: torch.Tensor  # |H_t - H_{t-1}|, 0 at the first step
+    candidate_entropy: torch.Tensor  # mean entropy over every masked candidate of the active block
+    candidate_margin: torch.Tensor  # mean margin over the same candidates
+    count: torch.Tensor  # int64: tokens committed from the model's prediction
+    filled: torch.Tensor  # int64: positions committed as EOS in bulk (eos_fill)
+    threshold: torch.Tensor  # confidence threshold used (the lowest committed confidence without one)
+    block: torch.Tensor  # int64 [T]: the block each step worked on
+
+    @property
+    def num_steps(self) -> int:
+        return self.count.shape[1]
+
+
+@dataclasses.dataclass
+class Rollout:
+    tokens: torch.Tensor  # [B, Lp + gen_length] int64: prompt then response
+    step_map: torch.Tensor  # [B, gen_length] int64: the step at which each response position was committed
+    trace: Trace | None  # None when generate ran with record=False
+    prompt_length: int
+    attention_mask: torch.Tensor  # [B, Lp + gen_length]: 0 on left padding
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_length:]
+
+
+def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of `steps` steps [B, steps]: even split, earlier steps take the remainder."""
+    base, remainder = masked_count // steps, masked_count % steps
+    return base[:, None] + (torch.arange(steps, device=masked_count.device)[None, :] < remainder[:, None]).long()
+
+
+def _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold):
+    if not isinstance(model, DiffusionLM):
+        raise ValueError(f"model must be an atpo_fast DiffusionLM, got {type(model).__name__}")
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype != torch.int64:
+        raise ValueError("prompt_ids must be an int64 tensor of shape [B, Lp]")
+    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+    if steps % (gen_length // block_length):
+        raise ValueError(f"steps ({steps}) must be divisible by the number of blocks ({gen_length // block_length})")
+    if prompt_ids.shape[1] + gen_length > model.max_length:
+        raise ValueError(f"prompt_ids length {prompt_ids.shape[1]} plus gen_length {gen_length} exceeds the "
+                         f"model's context of {model.max_length} tokens")
+    if remasking not in REMASKING_RULES:
+        raise ValueError(f"remasking must be one of {REMASKING_RULES}, got {remasking!r}")
+    if threshold is not None:
+        if remasking not in ("low_confidence", "margin"):
+            raise ValueError(f"threshold works with remasking 'low_confidence' or 'margin', got {remasking!r}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    if attention_mask is not None and (attention_mask.shape != prompt_ids.shape
+                                       or attention_mask.device != prompt_ids.device):
+        raise ValueError(f"attention_mask must match prompt_ids' shape {tuple(prompt_ids.shape)} and device")
+
+
+def _scatter(values: torch.Tensor, b_idx, p_idx, shape, fill: float) -> torch.Tensor:
+    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    out[b_idx, p_idx] = values
+    return out
+
+
+@dataclasses.dataclass
+class StepDecision:
+    """What one denoising step decided for the active block, each [B, block_length]."""
+
+    commit: torch.Tensor  # bool: positions committed at this step
+    tokens: torch.Tensor  # int64: the predicted token at each candidate (mask_id elsewhere)
+    confidence: torch.Tensor  # the remasking rule's score (-inf off the candidates)
+    entropy: torch.Tensor  # per-candidate statistics (NaN off the candidates)
+    margin: torch.Tensor
+
+
+def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
+                 k: torch.Tensor | None, *, threshold: float | None, temperature: float, remasking: str,
+                 seed: int | None, generator: torch.Generator | None, backend: str) -> StepDecision:
+    """One step on the block tokens[:, window]: forward, stats of its masked positions, commit decision.
+
+    k [B]: how many to commit per sequence (schedule mode); with threshold, every candidate whose
+    confidence is >= threshold and at least the best one. The LM head runs on the candidates only.
+    """
+    candidates = tokens[:, window] == model.mask_id
+    b_idx, p_idx = candidates.nonzero(as_tuple=True)
+    logits = model.logits_at(tokens, attention_mask, b_idx, p_idx + window.start)
+    logits[:, model.mask_id] = float("-inf")  # [MASK] is never a prediction
+    stats = token_stats(logits, temperature=temperature, seed=seed, backend=backend)
+    if bool((stats.sampled < 0).any()):
+        raise RuntimeError("the model produced NaN or infinite logits")
+    score = {
+        "low_confidence": lambda: stats.sampled_prob, "margin": lambda: stats.margin, "entropy": lambda: -stats.entropy,
+        "random": lambda: torch.rand(stats.entropy.shape, generator=generator, device=tokens.device),
+    }[remasking]().float()
+    shape = candidates.shape
+    confidence = _scatter(score, b_idx, p_idx, shape, float("-inf"))
+    if threshold is None:
+        rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+        commit = rank < k[:, None]
+    else:
+        best = torch.zeros_like(candidates).scatter_(1, confidence.argmax(dim=1, keepdim=True), True)
+        commit = (confidence >= threshold) | (best & candidates)
+    return StepDecision(commit, _scatter(stats.sampled, b_idx, p_idx, shape, model.mask_id), confidence,
+                        _scatter(stats.entropy, b_idx, p_idx, shape, float("nan")),
+                        _scatter(stats.margin, b_idx, p_idx, shape, float("nan")))
+
+
+class _TraceRecorder:
+    """Collects the per-step signals into a Trace."""
+
+    FIELDS = ("entropy", "margin", "roec", "candidate_entropy", "candidate_margin", "count", "filled", "threshold")
+
+    def __init__(self):
+        self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
+        self.blocks: list[int] = []
+        self.prev_entropy = None
+
+    def add(self, decision: StepDecision, candidates: torch.Tensor, filled: torch.Tensor, threshold, block: int):
+        pair = (decision.entropy, decision.margin)
+        committed = step_stats(pair, decision.commit, prev_entropy=self.prev_entropy)
+        candidate = step_stats(pair, candidates)
+        self.prev_entropy = committed.entropy
+        if threshold is None:
+            used = torch.where(decision.commit, decision.confidence, float("inf")).amin(1)
+        else:
+            used = torch.full_like(committed.entropy, threshold)
+        values = dict(entropy=committed.entropy, margin=committed.margin, roec=committed.roec,
+                      candidate_entropy=candidate.entropy, candidate_margin=candidate.margin, count=committed.count,
+                      filled=filled, threshold=torch.where(decision.commit.any(1), used, float("nan")))
+        for name, value in values.items():
+            self.rows[name].append(value)
+        self.blocks.append(block)
+
+    def trace(self, batch: int, device) -> Trace:
+        stacked = {name: torch.stack(v, 1) if v else torch.empty(batch, 0, device=device) for name, v in self.rows.items()}
+        return Trace(**stacked, block=torch.tensor(self.blocks, dtype=torch.int64))
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    *,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    threshold: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    seed: int | None = None,
+    eos_fill: bool = False,
+    record: bool = True,
+    backend: str = "auto",
+) -> Rollout:
+    """Unmask a response of gen_length tokens after prompt_ids [B, Lp] (left-padded, with attention_mask).
+
+    Blocks of block_length are completed left to right, each over steps / num_blocks steps, the
+    block's masked count spread evenly (earlier steps take the remainder). remasking picks which
+    candidates to commit: "low_confidence" (highest probability of the sampled token, untempered),
+    "margin" (highest p1 - p2), "entropy" (lowest entropy) or "random". With threshold=x every
+    candidate whose confidence is >= x is committed instead, at least one per step, until the block
+    is done. A scheduled step at which no sequence would commit anything (more steps than masked
+    tokens, or a block already filled) is skipped: no forward, no trace column. temperature 0 is
+    greedy. eos_fill: once a response holds an EOS, its later masked positions are committed as EOS
+    at that step. seed makes sampling and random remasking repeatable. record=False skips the trace
+    (Rollout.trace is None).
+    """
+    _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold)
+    temperature = check_temperature(temperature, allow_zero=True)
+    if eos_fill and model.eos_id is None:
+        raise ValueError("eos_fill needs a model with an eos_id")
+    device = prompt_ids.device
+    batch, prompt_len = prompt_ids.shape
+    tokens = torch.full((batch, prompt_len + gen_length), model.mask_id, dtype=torch.int64, device=device)
+    tokens[:, :prompt_len] = prompt_ids
+    full_mask = torch.ones_like(tokens)
+    if attention_mask is not None:
+        full_mask[:, :prompt_len] = attention_mask
+    model_mask = full_mask if attention_mask is not None else None  # no mask at all when nothing is padded
+    step_map = torch.full((batch, gen_length), -1, dtype=torch.int64, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    recorder = _TraceRecorder() if record else None
+    no_fill = torch.zeros(batch, dtype=torch.int64, device=device)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    step = 0
+    for block in range(num_blocks):
+        window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
+        schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)
+        for i in range(block_length if threshold is not None else steps_per_block):
+            candidates = tokens[:, window] == model.mask_id
+            k = None
+            if threshold is None:
+                k = torch.minimum(schedule[:, i], candidates.sum(1))
+                if not bool((k > 0).any()):
+                    continue  # a step that would commit nothing anywhere is skipped, not recorded
+            elif not bool(candidates.any()):
+                break
+            step_seed = None if seed is None else (seed * 1_000_003 + step) % 2**62
+            decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
+                                    remasking=remasking, seed=step_seed, generator=generator, backend=backend)
+            tokens[:, window] = torch.where(decision.commit, decision.tokens, tokens[:, window])
+            step_map[:, window.start - prompt_len:window.stop - prompt_len][decision.commit] = step
+            filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill
+            if recorder is not None:
+                recorder.add(decision, candidates, filled, threshold, block)
+            step += 1
+    trace = recorder.trace(batch, device) if recorder is not None else None
+    return Rollout(tokens, step_map, trace, prompt_len, full_mask)
+
+
+def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step: int) -> torch.Tensor:
+    """Commit every still-masked position after a response's first committed EOS as EOS; returns counts [B]."""
+    response = tokens[:, prompt_len:]
+    eos = (response == model.eos_id) & (step_map >= 0)
+    first = torch.where(eos.any(1), eos.long().argmax(1), response.shape[1])
+    after = torch.arange(response.shape[1], device=tokens.device)[None, :] > first[:, None]
+    fill = after & (response == model.mask_id)
+    response[fill] = model.eos_id
+    step_map[fill] = step
+    return fill.sum(1)

@@ -1,0 +1,119 @@
+"""ATPO step selection: which denoising steps of each rollout become training rows.
+
+Every rule spends the same budget of k rows per response. A step t "is reached" by a response
+that committed at least one token there (for the masked token set: that still had candidates).
+    uniform   TraceRL: intervals [j*s, (j+1)*s), s = ceil(T / k)
+    random    k reached steps uniformly without replacement, per response
+    entropy   top-k steps by H_t        margin  top-k by 1 - CM_t (lowest margin first)
+    roec      top-k by RoEC_t           hybrid  (ATPO) alpha * RoEC~ + (1 - alpha) * (1 - CM)~, where ~
+              is min-max normalisation over t
+per="batch" (default) averages each signal per step index over the responses that reach it, so
+all responses share the selected steps; per="trajectory" ranks each response on its own signals.
+Ties go to the earlier step. mode="select": each selected step t is the row [t, t + 1);
+mode="partition": the selected steps start the rows (the first row starts at 0), so every
+committed token is a target of exactly one row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from atpo_fast.sampler import Trace
+
+RULES = ("uniform", "random", "entropy", "margin", "roec", "hybrid")
+MODES = ("select", "partition")
+
+
+def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.Tensor]:
+    """entropy, uncertainty (1 - CM), roec and reached, each [B, T], over the chosen token set."""
+    if token_set == "committed":
+        entropy, margin, roec = trace.entropy, trace.margin, trace.roec
+        reached = trace.count > 0
+    elif token_set == "masked":
+        entropy, margin = trace.candidate_entropy, trace.candidate_margin
+        roec = torch.zeros_like(entropy)
+        roec[:, 1:] = (entropy[:, 1:] - entropy[:, :-1]).abs()
+        reached = ~entropy.isnan()
+    else:
+        raise ValueError(f"token_set must be 'committed' or 'masked', got {token_set!r}")
+    return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "reached": reached}
+
+
+def batch_average(values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """Mean over the responses that reach each step: [B, T] -> [T] (NaN where none does)."""
+    total = torch.where(reached, values.nan_to_num(), 0.0).sum(0)
+    return total / reached.sum(0)
+
+
+def _min_max(values: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise over the last dim, ignoring NaN; a constant row becomes 0."""
+    low = torch.where(values.isnan(), float("inf"), values).amin(-1, keepdim=True)
+    high = torch.where(values.isnan(), float("-inf"), values).amax(-1, keepdim=True)
+    span = high - low
+    return torch.where(span > 0, (values - low) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
+                token_set: str = "committed") -> torch.Tensor:
+    """Selection score per step [B, T] (higher is chosen first); NaN where a step cannot be chosen."""
+    signals = step_signals(trace, token_set)
+    reached = signals["reached"]
+    if per == "batch":
+        signals = {name: batch_average(v, reached)[None].expand_as(v) for name, v in signals.items() if name != "reached"}
+        valid = reached.any(0)[None].expand_as(reached)
+    elif per == "trajectory":
+        valid = reached
+    else:
+        raise ValueError(f"per must be 'batch' or 'trajectory', got {per!r}")
+    if rule == "hybrid":
+        roec, uncertainty = (torch.where(valid, signals[n], float("nan")) for n in ("roec", "uncertainty"))
+        score = alpha * _min_max(roec) + (1 - alpha) * _min_max(uncertainty)
+    else:
+        score = signals[{"entropy": "entropy", "margin": "uncertainty", "roec": "roec"}[rule]]
+    return torch.where(valid & ~score.isnan(), score, float("nan"))
+
+
+def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "select", alpha: float = 0.5,
+                 per: str = "batch", seed: int | None = None,
+                 token_set: str = "committed") -> tuple[torch.Tensor, torch.Tensor]:
+    """Intervals to train on: starts, ends [B, budget] int64, -1 in both for an unused slot."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    batch, steps = trace.count.shape
+    starts = torch.full((batch, budget), -1, dtype=torch.int64)
+    ends = starts.clone()
+    if steps == 0:
+        return starts, ends
+    if rule == "uniform":
+        size = math.ceil(steps / budget)
+        bounds = torch.arange(0, steps, size)
+        starts[:, :len(bounds)] = bounds
+        ends[:, :len(bounds)] = (bounds + size).clamp(max=steps)
+        return starts, ends
+    if rule == "random":
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        reached = step_signals(trace, token_set)["reached"].cpu()
+        score = torch.where(reached, torch.rand(batch, steps, generator=generator), float("nan"))
+    else:
+        score = step_scores(trace, rule, alpha, per, token_set).cpu()
+    for row in range(batch):
+        order = torch.where(score[row].isnan(), float("-inf"), score[row]).argsort(descending=True, stable=True)
+        chosen = order[:min(budget, int((~score[row].isnan()).sum()))].sort().values
+        n = len(chosen)
+        if n == 0:
+            continue
+        if mode == "select":
+            starts[row, :n], ends[row, :n] = chosen, chosen + 1
+        else:
+            starts[row, :n] = chosen
+            starts[row, 0] = 0
+            ends[row, :n - 1], ends[row, n - 1] = chosen[1:], steps
+    return starts, ends

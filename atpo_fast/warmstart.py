@@ -1,0 +1,103 @@
+"""Supervised warm start of the tiny model (masked-diffusion SFT), cached on disk for the next run.
+
+LLaDA's SFT objective: each response is completed to gen_length with EOS, every response token is
+masked with probability t ~ U(0.02, 1) drawn per sequence, and the loss is the cross-entropy of the
+masked tokens weighted by 1/t, summed and divided by the number of response tokens. Log-probs come
+from fused_linear_logprobs at the masked positions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from atpo_fast.models import TinyDiffusionLM
+from atpo_fast.ops.fused_linear_logprobs import fused_linear_logprobs
+
+MIN_MASK_RATE = 0.02
+
+
+def cache_folder(trainer) -> Path:
+    """Where this warm start is cached: keyed by everything that changes its result."""
+    from atpo_fast.trainer import derive_seed
+
+    c = trainer.config
+    warm = {k: v for k, v in dataclasses.asdict(c.warmstart).items() if k != "cache_dir"}
+    key = derive_seed(json.dumps([dataclasses.asdict(c.task), dataclasses.asdict(c.model), warm,
+                                  c.sampler.gen_length, c.seed], sort_keys=True))
+    return Path(c.warmstart.cache_dir) / f"{c.task.name}-{key:016x}"
+
+
+def supervised_batch(model: TinyDiffusionLM, examples, gen_length: int, device, generator: torch.Generator):
+    """Masked sequences [B, Lp + gen] with their attention mask, masked positions and weights 1/t."""
+    from atpo_fast.trainer import encode_batch
+
+    prompts, mask = encode_batch(model, [ex.prompt for ex in examples], device)
+    tokenizer = model.tokenizer
+    responses = torch.full((len(examples), gen_length), tokenizer.eos_id, dtype=torch.int64)
+    for i, ex in enumerate(examples):
+        target = tokenizer.encode(ex.target)[:gen_length]
+        responses[i, :len(target)] = torch.tensor(target, dtype=torch.int64)
+    responses = responses.to(device)
+    rate = torch.rand(len(examples), 1, generator=generator).to(device) * (1 - MIN_MASK_RATE) + MIN_MASK_RATE
+    masked = torch.rand(responses.shape, generator=generator).to(device) < rate
+    noisy = torch.where(masked, model.mask_id, responses)
+    tokens = torch.cat([prompts, noisy], dim=1)
+    attention = torch.cat([mask, torch.ones_like(responses)], dim=1)
+    rows, cols = masked.nonzero(as_tuple=True)
+    return tokens, attention, rows, cols + prompts.shape[1], responses[rows, cols], 1.0 / rate[rows, 0]
+
+
+def warm_start(trainer, progress: bool = True) -> dict:
+    """Train the tiny model on the task's targets (or load the cached result); returns a summary."""
+    c, w = trainer.config, trainer.config.warmstart
+    if w.steps <= 0:
+        return {"steps": 0}
+    model = trainer.model
+    if not isinstance(model, TinyDiffusionLM):
+        raise ValueError("warmstart.steps > 0 is for the tiny model; set warmstart.steps=0 for pretrained models")
+    folder = cache_folder(trainer)
+    if (folder / "model.safetensors").exists():
+        model.load_state_dict(TinyDiffusionLM.from_pretrained(folder, device=trainer.device).state_dict())
+        return {"steps": w.steps, "cached": str(folder)}
+
+    from atpo_fast.trainer import derive_seed
+
+    seed = derive_seed(c.seed, "warmstart")
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
+    warmup = max(1, w.steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
+    losses = []
+    for _ in tqdm(range(w.steps), desc="warm start", disable=not progress, dynamic_ncols=True):
+        examples = rng.sample(trainer.task.train, w.batch_size)
+        tokens, attention, rows, cols, targets, weight = supervised_batch(model, examples, c.sampler.gen_length,
+                                                                          trainer.device, generator)
+        hidden = model.hidden_states(tokens, attention)[rows, cols]
+        logprob = fused_linear_logprobs(hidden, model.lm_head.weight, targets)
+        loss = -(logprob * weight).sum() / (w.batch_size * c.sampler.gen_length)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    model.eval()
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)  # atomic: another run may have cached the same warm start meanwhile
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": w.steps, "cached": None, "final_loss": sum(tail) / len(tail)}

@@ -1,0 +1,143 @@
+"""Model adapters: the tiny model, and LLaDA / Dream wiring through stand-in checkpoints loaded offline."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+import standin_modeling
+from atpo_fast import generate
+from atpo_fast.models import CharTokenizer, TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
+
+SMALL = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48)
+
+
+def test_tokenizer_round_trip():
+    tok = CharTokenizer()
+    text = "(12+34)*5=?\nx"
+    assert tok.decode(tok.encode(text)) == text
+    ids = [tok.bos_id] + tok.encode("ab") + [tok.mask_id, tok.pad_id] + tok.encode("c") + [tok.eos_id] + tok.encode("z")
+    assert tok.decode(ids) == "abc"
+    assert tok.decode(ids, stop_at_eos=False) == "abcz"
+    with pytest.raises(ValueError, match="outside the tokenizer's alphabet"):
+        tok.encode("naïve")
+
+
+def test_tiny_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDiffusionLM(SMALL).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = TinyDiffusionLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.randint(4, model.vocab_size, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    torch.testing.assert_close(loaded.logits(ids, mask), model.logits(ids, mask), rtol=0, atol=0)
+
+
+def test_tiny_is_bidirectional():
+    torch.manual_seed(0)
+    model = TinyDiffusionLM(SMALL).eval()
+    ids = torch.randint(4, model.vocab_size, (1, 9))
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.vocab_size
+    assert not torch.allclose(model.logits(ids)[0, 0], model.logits(changed)[0, 0])
+
+
+def test_tiny_from_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="holds no config.json"):
+        TinyDiffusionLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="is not a TinyDiffusionLM"):
+        TinyDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_tiny_rejects_unknown_attention():
+    with pytest.raises(ValueError, match="attn_implementation"):
+        TinyDiffusionLM(TinyConfig(attn_implementation="flash_attention_2"))
+
+
+def make_checkpoint(folder, model_type: str, vocab: int, shift: bool, four_d: bool):
+    """A stand-in checkpoint: config.json with the family's model_type, remote code, weights, tokenizer."""
+    torch.manual_seed(0)
+    config = standin_modeling.StandInConfig(vocab_size=vocab, shift_outputs=shift, expect_4d_mask=four_d)
+    standin_modeling.StandInModel(config).save_pretrained(folder)
+    shutil.copy(standin_modeling.__file__, folder / "standin_modeling.py")
+    saved = json.loads((folder / "config.json").read_text())
+    saved.update(model_type=model_type, auto_map={"AutoConfig": "standin_modeling.StandInConfig",
+                                                  "AutoModel": "standin_modeling.StandInModel"})
+    (folder / "config.json").write_text(json.dumps(saved))
+    words = {f"w{i}": i for i in range(8)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="w0")),
+                                        pad_token="w0", eos_token="w2")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llada_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("llada"), "llada", vocab=126464, shift=False, four_d=False)
+
+
+@pytest.fixture(scope="module")
+def dream_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("dream"), "Dream", vocab=152064, shift=True, four_d=True)
+
+
+def padded_batch(vocab):
+    ids = torch.randint(10, 1000, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def test_llada_adapter(llada_dir):
+    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu").eval()
+    assert (model.mask_id, model.vocab_size, model.shift, model.eos_id) == (126336, 126464, False, 2)
+    ids, mask = padded_batch(model.vocab_size)
+    raw = model.model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids, mask), raw)
+        assert isinstance(model.model.get_output_embeddings(), torch.nn.Linear), "the LM head is put back"
+        b, p = torch.tensor([0, 1, 1]), torch.tensor([3, 5, 9])
+        torch.testing.assert_close(model.logits_at(ids, mask, b, p), raw[b, p])
+        assert model.hidden_states(ids, mask).shape == (2, 10, 16)
+
+
+def test_dream_adapter_shift_and_mask(dream_dir):
+    model = load_hf_diffusion_lm(str(dream_dir), "dream", dtype=torch.float32, device="cpu").eval()
+    assert (model.mask_id, model.vocab_size, model.shift) == (151666, 152064, True)
+    ids, mask = padded_batch(model.vocab_size)
+    real = mask.bool()
+    raw = model.model(input_ids=ids, attention_mask=real[:, None, :, None] & real[:, None, None, :],
+                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    with torch.no_grad():
+        aligned = model.logits(ids, mask)
+    torch.testing.assert_close(aligned[:, 1:], raw[:, :-1])  # position i now predicts token i
+
+
+def test_generate_with_a_llada_stand_in(llada_dir):
+    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu").eval()
+    prompt, mask = padded_batch(model.vocab_size)
+    rollout = generate(model, prompt, gen_length=8, block_length=4, steps=4, attention_mask=mask)
+    assert (rollout.step_map >= 0).all() and (rollout.response != model.mask_id).all()
+
+
+def test_loader_errors(tmp_path, dream_dir):
+    with pytest.raises(ValueError, match="does not exist or is not a folder"):
+        load_hf_diffusion_lm(str(tmp_path / "missing"), "llada", device="cpu")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        load_hf_diffusion_lm(str(tmp_path), "llada", device="cpu")
+    with pytest.raises(ValueError, match="is not a llada model: config.json model_type is 'Dream'"):
+        load_hf_diffusion_lm(str(dream_dir), "llada", device="cpu")
+    with pytest.raises(ValueError, match="family must be one of"):
+        load_hf_diffusion_lm(str(dream_dir), "gpt", device="cpu")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the optional flash-attn"):
+            load_hf_diffusion_lm(str(dream_dir), "dream", device="cpu", attn_implementation="flash_attention_2")

@@ -1,0 +1,215 @@
+"""The sampler against an independent reimplementation of LLaDA's reference generate, and its trace."""
+
+import pytest
+import torch
+
+from atpo_fast import generate, step_stats, token_stats
+from atpo_fast.models import TinyConfig, TinyDiffusionLM
+from atpo_fast.reference import llada_generate
+from atpo_fast.sampler import transfer_schedule
+
+PROMPTS = ["12+34=", "7*8=", "(3+4)*5=", "1"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1234)
+    return TinyDiffusionLM(TinyConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                      max_length=64)).eval()
+
+
+def _double(model, cls=TinyDiffusionLM):
+    """A float64 copy: argmax and top-k decisions cannot flip on rounding between two code paths."""
+    copy = cls(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.double().eval()
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    return _double(model)
+
+
+def left_padded(tokenizer, prompts):
+    ids = [tokenizer.encode(p) for p in prompts]
+    width = max(map(len, ids))
+    prompt = torch.tensor([[tokenizer.pad_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    return prompt, mask
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [(16, 8, 8), (24, 8, 12), (12, 12, 5), (16, 4, 16),
+                                                           (8, 4, 12)])
+def test_matches_llada_reference(model64, gen_length, block_length, steps):
+    prompt, mask = left_padded(model64.tokenizer, PROMPTS)
+    rollout = generate(model64, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                       attention_mask=mask, backend="torch")
+    assert torch.equal(rollout.tokens, llada_generate(model64, prompt, gen_length, block_length, steps, mask))
+
+
+def test_padding_does_not_change_the_answer(model64):
+    prompt, mask = left_padded(model64.tokenizer, PROMPTS)
+    batch = generate(model64, prompt, gen_length=12, block_length=4, steps=6, attention_mask=mask)
+    for row, text in enumerate(PROMPTS):
+        alone = torch.tensor([model64.tokenizer.encode(text)])
+        single = generate(model64, alone, gen_length=12, block_length=4, steps=6)
+        assert torch.equal(single.response[0], batch.response[row])
+
+
+@pytest.mark.parametrize("steps", [8, 16, 24])
+def test_step_map_and_schedule(model, steps):
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    gen_length, block_length = 16, 8
+    rollout = generate(model, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                       attention_mask=mask, temperature=1.0, seed=0)
+    assert (rollout.step_map >= 0).all(), "every response position is committed"
+    per_block = steps // (gen_length // block_length)
+    schedule = transfer_schedule(torch.full((len(PROMPTS),), block_length), per_block)
+    expected = schedule[:, schedule.sum(0) > 0].repeat(1, gen_length // block_length)  # empty steps are skipped
+    assert rollout.trace.num_steps == expected.shape[1] == min(steps, gen_length)
+    counts = torch.stack([(rollout.step_map == t).sum(1) for t in range(rollout.trace.num_steps)], 1)
+    assert torch.equal(counts, rollout.trace.count)
+    assert torch.equal(counts, expected)
+    # positions of block j are committed during block j's steps only
+    block_of_step = rollout.trace.block
+    block_of_position = torch.arange(gen_length) // block_length
+    assert torch.equal(block_of_step[rollout.step_map], block_of_position.expand_as(rollout.step_map))
+
+
+def test_transfer_schedule():
+    got = transfer_schedule(torch.tensor([8, 7, 3, 0]), 3)
+    assert torch.equal(got, torch.tensor([[3, 3, 2], [3, 2, 2], [1, 1, 1], [0, 0, 0]]))
+
+
+def replay(model, rollout, t):
+    """The state before step t, and the masks of tokens committed at t and of the block's candidates."""
+    response = rollout.response.clone()
+    before = rollout.step_map >= t
+    response[before] = model.mask_id
+    tokens = torch.cat([rollout.tokens[:, :rollout.prompt_length], response], 1)
+    block = int(rollout.trace.block[t])
+    block_length = rollout.step_map.shape[1] // (int(rollout.trace.block.max()) + 1)
+    in_block = (torch.arange(response.shape[1]) // block_length) == block
+    return tokens, rollout.step_map == t, before & in_block
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+def test_trace_equals_step_stats_from_full_logits(model, remasking):
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    rollout = generate(model, prompt, gen_length=16, block_length=8, steps=8, attention_mask=mask,
+                       temperature=0.7, remasking=remasking, seed=3)
+    prev = None
+    for t in range(rollout.trace.num_steps):
+        tokens, committed, candidates = replay(model, rollout, t)
+        logits = model.logits(tokens, rollout.attention_mask)[:, rollout.prompt_length:]
+        logits[..., model.mask_id] = float("-inf")  # as the sampler does
+        stats = token_stats(logits)
+        want = step_stats(stats, committed, prev_entropy=prev)
+        want_candidates = step_stats(stats, candidates)
+        prev = want.entropy
+        for name, got, ref in (("entropy", rollout.trace.entropy[:, t], want.entropy),
+                               ("margin", rollout.trace.margin[:, t], want.margin),
+                               ("roec", rollout.trace.roec[:, t], want.roec),
+                               ("candidate_entropy", rollout.trace.candidate_entropy[:, t], want_candidates.entropy),
+                               ("candidate_margin", rollout.trace.candidate_margin[:, t], want_candidates.margin)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, equal_nan=True, msg=f"{name} at step {t}")
+        assert torch.equal(rollout.trace.count[:, t], want.count)
+
+
+def test_threshold_mode(model):
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    threshold = 0.05
+    rollout = generate(model, prompt, gen_length=16, block_length=8, steps=8, attention_mask=mask,
+                       threshold=threshold)
+    assert (rollout.step_map >= 0).all()
+    trace = rollout.trace
+    assert trace.num_steps <= 16
+    for t in range(trace.num_steps):
+        tokens, committed, candidates = replay(model, rollout, t)
+        active = candidates.any(1)
+        assert (trace.count[active, t] >= 1).all(), "at least one commit per step while the block has candidates"
+        logits = model.logits(tokens, rollout.attention_mask)[:, rollout.prompt_length:]
+        logits[..., model.mask_id] = float("-inf")
+        probs = token_stats(logits).sampled_prob
+        below = (committed & (probs < threshold)).sum(1)
+        assert (below <= 1).all(), "only the one forced commit may fall below the threshold"
+        top = torch.where(candidates, probs, -1.0).max(1).values
+        assert ((probs >= threshold) & candidates).sum(1).eq(committed.sum(1))[top >= threshold].all()
+
+
+def test_seeds_reproduce(model):
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    kwargs = dict(gen_length=16, block_length=8, steps=8, attention_mask=mask, temperature=1.0, remasking="random")
+    a = generate(model, prompt, seed=11, **kwargs)
+    b = generate(model, prompt, seed=11, **kwargs)
+    c = generate(model, prompt, seed=12, **kwargs)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step_map, b.step_map)
+    assert not (torch.equal(a.tokens, c.tokens) and torch.equal(a.step_map, c.step_map))
+
+
+class ShiftedTiny(TinyDiffusionLM):
+    """A Dream-style stand-in: its raw output at position i is the prediction for position i + 1."""
+
+    shift = True
+
+    def _hidden_states(self, input_ids, attention_mask):
+        hidden = super()._hidden_states(input_ids, attention_mask)
+        return torch.cat([hidden[:, 1:], hidden[:, -1:]], dim=1)
+
+
+def test_dream_style_shift(model64):
+    shifted = _double(model64, ShiftedTiny)
+    prompt, mask = left_padded(model64.tokenizer, PROMPTS)
+    kwargs = dict(gen_length=12, block_length=4, steps=6, attention_mask=mask)
+    assert torch.equal(generate(shifted, prompt, **kwargs).tokens, generate(model64, prompt, **kwargs).tokens)
+
+
+def test_triton_backend_matches_torch(model):
+    prompt, mask = left_padded(model.tokenizer, PROMPTS[:2])
+    kwargs = dict(gen_length=8, block_length=4, steps=4, attention_mask=mask)
+    a = generate(model, prompt, backend="torch", **kwargs)
+    b = generate(model, prompt, backend="triton", **kwargs)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step_map, b.step_map)
+    torch.testing.assert_close(a.trace.entropy, b.trace.entropy, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_eos_fill(model):
+    eos_model = _double(model)
+    with torch.no_grad():
+        eos_model.head.weight[eos_model.eos_id] *= 0
+        eos_model.head.weight[eos_model.eos_id, 0] = 50.0  # EOS now wins wherever that feature is positive
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    kwargs = dict(gen_length=16, block_length=4, steps=16, attention_mask=mask)
+    plain = generate(eos_model, prompt, **kwargs)
+    filled = generate(eos_model, prompt, eos_fill=True, **kwargs)
+    assert (filled.step_map >= 0).all()
+    trace = filled.trace
+    assert int(trace.count.sum() + trace.filled.sum()) == filled.step_map.numel()
+    eos = filled.response == eos_model.eos_id
+    steps = filled.step_map
+    for row in range(len(PROMPTS)):
+        for q in eos[row].nonzero().flatten().tolist():
+            # every position after an EOS and committed at a later step than it is an EOS
+            later = (torch.arange(steps.shape[1]) > q) & (steps[row] > steps[row, q])
+            assert eos[row, later].all()
+    # filled positions carry the step of their fill: each filled count shows up in step_map
+    for t in range(trace.num_steps):
+        assert int((steps == t).sum()) == int(trace.count[:, t].sum() + trace.filled[:, t].sum())
+    assert trace.filled.sum() > 0, "the test model should have produced an EOS to fill after"
+    assert trace.num_steps <= plain.trace.num_steps
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(gen_length=10, block_length=4, steps=4), "gen_length .* must be a multiple of block_length"),
+    (dict(gen_length=16, block_length=4, steps=6), r"steps \(6\) must be divisible by the number of blocks \(4\)"),
+    (dict(gen_length=60, block_length=4, steps=15), "exceeds the model's context"),
+    (dict(gen_length=8, block_length=4, steps=4, remasking="top"), "remasking must be one of"),
+    (dict(gen_length=8, block_length=4, steps=4, threshold=1.5), r"threshold must lie in \(0, 1\]"),
+    (dict(gen_length=8, block_length=4, steps=4, remasking="random", threshold=0.5), "threshold works with"),
+    (dict(gen_length=8, block_length=4, steps=4, temperature=-1.0), "temperature"),
+    (dict(gen_length=0, block_length=4, steps=4), "gen_length must be a positive int"),
+])
+def test_bad_arguments(model, kwargs, match):
+    prompt = torch.tensor([model.tokenizer.encode("12+34=")])
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompt, **kwargs)

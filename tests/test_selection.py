@@ -1,0 +1,115 @@
+"""Step selection against hand-computed cases, and the partition property with real step rows."""
+
+import pytest
+import torch
+
+from atpo_fast import build_step_rows
+from atpo_fast.sampler import Trace
+from atpo_fast.selection import select_steps, step_scores
+
+NAN = float("nan")
+
+
+def make_trace(entropy, margin, roec, count) -> Trace:
+    entropy, margin, roec = (torch.tensor(v, dtype=torch.float32) for v in (entropy, margin, roec))
+    count = torch.tensor(count)
+    return Trace(entropy=entropy, margin=margin, roec=roec, candidate_entropy=entropy, candidate_margin=margin,
+                 count=count, filled=torch.zeros_like(count), threshold=torch.zeros_like(entropy),
+                 block=torch.zeros(entropy.shape[1], dtype=torch.int64))
+
+
+@pytest.fixture
+def trace():
+    """Two responses over T = 5 steps; the second reaches only steps 0-2."""
+    return make_trace(entropy=[[1, 2, 3, 4, 5], [2, 1, 3, NAN, NAN]],
+                      margin=[[0.9, 0.5, 0.8, 0.2, 0.6], [0.7, 0.3, 0.9, NAN, NAN]],
+                      roec=[[0, 0.1, 0.4, 0.2, 0.3], [0, 0.5, 0.2, NAN, NAN]],
+                      count=[[1, 1, 1, 1, 1], [2, 1, 1, 0, 0]])
+
+
+def rows(starts, ends):
+    return [[(s, e) for s, e in zip(a, b) if s >= 0] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def test_hybrid_batch_average_by_hand(trace):
+    # batch 1-CM per step: .2 .6 .15 .8 .4 -> min-max: 1/13, 9/13, 0, 1, 5/13
+    # batch RoEC per step:  0 .3 .3 .2 .3 -> min-max: 0, 1, 1, 2/3, 1
+    want = torch.tensor([0.5 / 13, 0.5 + 4.5 / 13, 0.5, 0.5 + 1 / 3, 0.5 + 2.5 / 13])
+    got = step_scores(trace, "hybrid", alpha=0.5, per="batch")
+    torch.testing.assert_close(got, want.expand(2, -1))
+    starts, ends = select_steps(trace, 2, "hybrid")
+    assert rows(starts, ends) == [[(1, 2), (3, 4)]] * 2
+    assert rows(*select_steps(trace, 3, "hybrid")) == [[(1, 2), (3, 4), (4, 5)]] * 2
+    # alpha = 1: RoEC alone; its ties (steps 1, 2, 4) go to the earlier steps
+    assert rows(*select_steps(trace, 2, "hybrid", alpha=1.0)) == [[(1, 2), (2, 3)]] * 2
+
+
+def test_single_signal_rules_by_hand(trace):
+    assert rows(*select_steps(trace, 2, "entropy")) == [[(3, 4), (4, 5)]] * 2  # batch entropy 1.5 1.5 3 4 5
+    assert rows(*select_steps(trace, 2, "margin")) == [[(1, 2), (3, 4)]] * 2  # lowest batch CM: .2 then .4
+    assert rows(*select_steps(trace, 2, "roec")) == [[(1, 2), (2, 3)]] * 2  # ties at .3: earlier steps
+
+
+def test_per_trajectory(trace):
+    # response 2 alone, steps 0-2: 1-CM .3 .7 .1 -> 1/3 1 0; RoEC 0 .5 .2 -> 0 1 .4; score 1/6 1 .2
+    scores = step_scores(trace, "hybrid", per="trajectory")
+    torch.testing.assert_close(scores[1, :3], torch.tensor([1 / 6, 1.0, 0.2]))
+    assert scores[1, 3:].isnan().all()
+    got = rows(*select_steps(trace, 2, "hybrid", per="trajectory"))
+    assert got[1] == [(1, 2), (2, 3)]
+    # a budget beyond the steps a response reaches takes all of them
+    assert rows(*select_steps(trace, 9, "hybrid", per="trajectory"))[1] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_partition_and_uniform(trace):
+    starts, ends = select_steps(trace, 2, "hybrid", mode="partition")  # selected 1, 3
+    assert rows(starts, ends) == [[(0, 3), (3, 5)]] * 2
+    assert rows(*select_steps(trace, 2, "uniform")) == [[(0, 3), (3, 5)]] * 2
+    starts, ends = select_steps(trace, 4, "uniform")  # s = ceil(5/4) = 2: three rows, one slot unused
+    assert rows(starts, ends) == [[(0, 2), (2, 4), (4, 5)]] * 2
+    assert (starts[:, 3] == -1).all() and (ends[:, 3] == -1).all()
+
+
+def test_masked_token_set_uses_candidate_signals(trace):
+    trace.candidate_entropy = torch.tensor([[0.0, 5.0, 5.1, 1.0, 1.0], [0.0, 5.0, 5.2, 1.0, 1.0]])
+    trace.candidate_margin = torch.full((2, 5), 0.5)
+    # RoEC on the masked set: |dH| = 0 5 .1 4.1 0 (row 1), 0 5 .2 4.2 0 (row 2); margin flat -> RoEC decides
+    assert rows(*select_steps(trace, 2, "hybrid", token_set="masked")) == [[(1, 2), (3, 4)]] * 2
+
+
+def test_random_rule(trace):
+    a = select_steps(trace, 2, "random", seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, select_steps(trace, 2, "random", seed=5)))
+    picked = rows(*select_steps(trace, 3, "random", seed=1))
+    assert len(picked[0]) == 3 and len(set(picked[0])) == 3
+    assert all(s < 3 for s, _ in picked[1])  # only steps the response reaches
+
+
+def test_partition_covers_every_committed_token_once():
+    gen = torch.Generator().manual_seed(0)
+    batch, length, steps = 6, 40, 12
+    for rule in ("hybrid", "entropy", "random", "uniform"):
+        step_map = torch.randint(0, steps, (batch, length), generator=gen)
+        step_map[:, :5] = -1  # the prompt
+        count = torch.stack([(step_map == t).sum(1) for t in range(steps)], 1)
+        trace = make_trace(torch.rand(batch, steps, generator=gen).tolist(), torch.rand(batch, steps, generator=gen).tolist(),
+                           torch.rand(batch, steps, generator=gen).tolist(), count.tolist())
+        starts, ends = select_steps(trace, 4, rule, mode="partition", seed=0)
+        built = build_step_rows(torch.zeros(batch, length, dtype=torch.int64), step_map, starts, ends, 7)
+        hits = torch.zeros(batch, length, dtype=torch.int64)
+        hits.index_put_((built.seq_index[built.target_row], built.target_pos),
+                        torch.ones_like(built.target_pos), accumulate=True)
+        assert torch.equal(hits, (step_map >= 0).long()), rule
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(budget=0), "budget must be a positive int"),
+    (dict(budget=2, rule="best"), "rule must be one of"),
+    (dict(budget=2, mode="all"), "mode must be one of"),
+    (dict(budget=2, alpha=1.5), r"alpha must lie in \[0, 1\]"),
+    (dict(budget=2, per="prompt"), "per must be 'batch' or 'trajectory'"),
+    (dict(budget=2, token_set="all"), "token_set must be"),
+])
+def test_bad_arguments(trace, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_steps(trace, **kwargs)

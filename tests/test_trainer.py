@@ -1,0 +1,120 @@
+"""The trainer on CPU with a very small tiny model: one iteration, resume, NaN handling, the console scripts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import atpo_fast.trainer as trainer_module
+from atpo_fast.cli import eval_main, train_main
+from atpo_fast.config import load_config
+from atpo_fast.trainer import Trainer, train
+from atpo_fast.warmstart import warm_start
+
+SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+         "model.max_length=40", "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5",
+         "optim.lr=1e-3", "warmstart.steps=20", "warmstart.batch_size=16", "eval.size=8", "eval.pass_k=2",
+         "eval.every=2", "logging.checkpoint_every=2", "task.options={train_size: 300, test_size: 20}"]
+
+ITERATION_KEYS = {"iteration", "reward", "accuracy", "informative_fraction", "rollout_time", "tokens_per_second",
+                  "rows", "targets", "loss", "kl", "clip_fraction", "grad_norm", "lr", "update_time", "peak_memory_mb",
+                  "step_entropy", "step_uncertainty", "step_roec", "step_hybrid_score", "selected_step_counts"}
+DETERMINISTIC = ("reward", "accuracy", "rows", "targets", "loss", "grad_norm", "selected_step_counts", "step_entropy")
+
+
+def small_config(tmp_path, *extra):
+    return load_config(None, SMALL + [f"logging.run_dir={tmp_path / 'runs'}", f"warmstart.cache_dir={tmp_path / 'cache'}",
+                                      *extra])
+
+
+def test_one_iteration_changes_parameters_and_logs_every_metric(tmp_path):
+    trainer = Trainer(small_config(tmp_path), tmp_path)
+    warm_start(trainer, progress=False)  # the warm-started model answers with digits: rewards spread
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = {}
+    for _ in range(3):  # an iteration whose groups all tie carries no signal; three make that vanishingly rare
+        metrics = trainer.train_iteration()
+        trainer.iteration += 1
+        if "skipped" not in metrics:
+            break
+    assert "skipped" not in metrics, metrics.get("skipped")
+    assert ITERATION_KEYS <= set(metrics), ITERATION_KEYS - set(metrics)
+    assert metrics["rows"] > 5 and metrics["targets"] >= metrics["rows"]  # several micro-batches of 5 rows
+    assert all(isinstance(metrics[k], float) and metrics[k] == metrics[k] for k in ("loss", "grad_norm", "kl"))
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the update changed no parameter"
+    assert sum(metrics["selected_step_counts"]) == 4 * 16 * metrics["informative_fraction"]  # budget 4 per response
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    whole = train(small_config(tmp_path, "optim.iterations=4", "logging.name=whole"), progress=False)
+    train(small_config(tmp_path, "optim.iterations=2", "logging.name=split"), progress=False)
+    resumed = train(small_config(tmp_path, "optim.iterations=4", "logging.name=split"), resume=True, progress=False)
+    a, b = (read(Path(s["run_dir"]) / "metrics.jsonl") for s in (whole, resumed))
+    iterations = lambda rows: [m for m in rows if "phase" not in m]  # noqa: E731
+    assert [m["iteration"] for m in iterations(b)] == [0, 1, 2, 3]
+    for x, y in zip(iterations(a)[2:], iterations(b)[2:]):
+        for key in DETERMINISTIC:
+            assert x.get(key) == y.get(key), (x["iteration"], key)
+        assert x.get("eval") == y.get("eval")
+    assert whole["after"] == resumed["after"]
+    run = Path(resumed["run_dir"])
+    for name in ("metrics.jsonl", "config.yaml", "checkpoint.pt", "summary.json", "training.png",
+                 "confusion_zones.png", "selected_steps.png"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*tmp*")), "no temporary files left behind"
+    assert read(run / "metrics.jsonl")[0]["warm_start"]["cached"], "the second run reused the cached warm start"
+
+
+def test_nan_loss_skips_updates_and_stops(tmp_path, monkeypatch):
+    real_loss = trainer_module.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    config = small_config(tmp_path, "optim.iterations=10", "logging.max_bad_iters=2", "logging.name=nan")
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", nan_loss)
+    summary = train(config, progress=False)
+    assert summary["stopped"] and summary["iterations"] < 10
+    rows = [m for m in read(Path(summary["run_dir"]) / "metrics.jsonl") if "phase" not in m]
+    assert all(m["skipped"].startswith("non-finite") for m in rows if m["rows"] > 0)
+    state = torch.load(Path(summary["run_dir"]) / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 0, "the last good checkpoint (before the bad iterations) is kept"
+
+
+def test_console_scripts(tmp_path, capsys):
+    args = SMALL + [f"logging.run_dir={tmp_path}", f"warmstart.cache_dir={tmp_path / 'cache'}", "optim.iterations=1"]
+    assert train_main(["--quiet", "--name", "cli", *args]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (greedy): before" in out and "pass@2" in out
+    assert eval_main([str(tmp_path / "cli"), "--size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["iteration"] == 1 and 0 <= result["accuracy"] <= 1
+    assert train_main(["--quiet", "--name", "cli", *args]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train_main(["optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert eval_main([str(tmp_path / "missing")]) == 2
+
+
+def test_llada_config_runs_a_stand_in(tmp_path):
+    """configs/llada.yaml with --model and --task jsonl, wired end to end on a tiny LLaDA stand-in (CPU)."""
+    from test_models import make_checkpoint
+
+    model_dir = make_checkpoint(tmp_path / "llada", "llada", vocab=126464, shift=False, four_d=False)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"w{i} w3", "answer": f"#### {i}"}) + "\n" for i in range(12)))
+    argv = ["--config", "configs/llada.yaml", "--model", str(model_dir), "--task", "jsonl", "--data", str(data),
+            "--quiet", "--name", "llada", "device=cpu", "model.dtype=float32", f"logging.run_dir={tmp_path}",
+            "sampler.gen_length=8", "sampler.block_length=4", "sampler.steps=4", "optim.iterations=1",
+            "optim.prompts_per_iter=2", "optim.group_size=2", "selection.budget=2", "eval.size=2"]
+    assert train_main(argv) == 0
+    config = load_config(tmp_path / "llada" / "config.yaml")
+    assert (config.model.kind, config.model.path, config.task.data) == ("llada", str(model_dir), str(data))
+    assert read(tmp_path / "llada" / "metrics.jsonl")[1]["iteration"] == 0
