@@ -75,6 +75,7 @@ class OptimConfig:
 @dataclasses.dataclass
 class WarmStartConfig:
     steps: int = 400  # supervised masked-diffusion steps before RL (0: none)
+    seed: int = 0  # model init and supervised data: runs that differ only in `seed` share one warm start
     batch_size: int = 64
     lr: float = 1e-3
     cache_dir: str = ".cache/warmstart"

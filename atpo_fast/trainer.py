@@ -50,7 +50,7 @@ def build_model(config: TrainConfig, device: torch.device) -> DiffusionLM:
     if m.kind == "tiny":
         if m.path:
             return TinyDiffusionLM.from_pretrained(m.path, device=device)
-        torch.manual_seed(derive_seed(config.seed, "init"))
+        torch.manual_seed(derive_seed(config.warmstart.seed, "init"))
         shape = TinyConfig(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                            intermediate_size=m.intermediate_size, max_length=m.max_length,
                            attn_implementation=m.attn_implementation or "sdpa")
@@ -87,13 +87,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: Path):
+    """model and task default to the ones the config describes; pass them to train something else."""
+
+    step_rows_backend = "auto"  # build_step_rows' backend: the extension when it is built
+
+    def __init__(self, config: TrainConfig, run_dir: Path, model: DiffusionLM | None = None, task: Task | None = None):
         self.config = config
         self.run_dir = run_dir
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                                    if config.device == "auto" else config.device)
-        self.task = build_task(config)
-        self.model = build_model(config, self.device)
+        self.task = task if task is not None else build_task(config)
+        self.model = model.to(self.device) if model is not None else build_model(config, self.device)
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
@@ -104,6 +108,12 @@ class Trainer:
         self.bad_iters = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
+
+    def clock(self) -> float:
+        """Wall time in seconds, after the device has finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ rollouts and rewards
 
@@ -151,9 +161,9 @@ class Trainer:
         c, o = self.config, self.config.optim
         seed = derive_seed(c.seed, "iteration", self.iteration)
         examples = random.Random(seed).sample(self.task.train, o.prompts_per_iter)
-        start = time.perf_counter()
+        start = self.clock()
         rollout = self.rollout(examples, o.group_size, c.sampler.temperature, seed)
-        rollout_time = time.perf_counter() - start
+        rollout_time = self.clock() - start
         rewards, correct = self.score(examples, o.group_size, rollout)
         advantages, informative = group_advantages(rewards, o.group_size)
 
@@ -166,7 +176,7 @@ class Trainer:
                    "tokens_per_second": rollout.step_map.numel() / rollout_time,
                    **self.selection_metrics(rollout, starts)}
 
-        start = time.perf_counter()
+        start = self.clock()
         rows = self.training_rows(rollout, starts.to(self.device), ends.to(self.device))
         n_rows = rows.input_ids.shape[0]
         metrics.update(rows=n_rows, targets=rows.target_row.numel())
@@ -195,13 +205,13 @@ class Trainer:
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics.update(skipped="non-finite loss or gradient", loss=loss_sum, grad_norm=grad_norm,
-                               update_time=time.perf_counter() - start)
+                               update_time=self.clock() - start)
                 return metrics
             self.optimizer.step()
             totals = {"loss": loss_sum, **stats_sum}
         self.scheduler.step()
         metrics.update(totals, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
-                       update_time=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(self.device))
+                       update_time=self.clock() - start, peak_memory_mb=peak_memory_mb(self.device))
         return metrics
 
     def training_rows(self, rollout: Rollout, starts: torch.Tensor, ends: torch.Tensor) -> StepRows:
@@ -209,7 +219,8 @@ class Trainer:
         prompt_steps = torch.full((rollout.tokens.shape[0], rollout.prompt_length), -1, dtype=torch.int64,
                                   device=self.device)
         step_map = torch.cat([prompt_steps, rollout.step_map], dim=1)
-        rows = build_step_rows(rollout.tokens, step_map, starts, ends, self.model.mask_id)
+        rows = build_step_rows(rollout.tokens, step_map, starts, ends, self.model.mask_id,
+                               backend=self.step_rows_backend)
         has_targets = torch.bincount(rows.target_row, minlength=rows.input_ids.shape[0]) > 0
         new_index = has_targets.long().cumsum(0) - 1
         return StepRows(rows.input_ids[has_targets], rows.target_mask[has_targets], rows.seq_index[has_targets],

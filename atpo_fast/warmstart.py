@@ -31,7 +31,7 @@ def cache_folder(trainer) -> Path:
     c = trainer.config
     warm = {k: v for k, v in dataclasses.asdict(c.warmstart).items() if k != "cache_dir"}
     key = derive_seed(json.dumps([dataclasses.asdict(c.task), dataclasses.asdict(c.model), warm,
-                                  c.sampler.gen_length, c.seed], sort_keys=True))
+                                  c.sampler.gen_length], sort_keys=True))
     return Path(c.warmstart.cache_dir) / f"{c.task.name}-{key:016x}"
 
 
@@ -70,7 +70,7 @@ def warm_start(trainer, progress: bool = True) -> dict:
 
     from atpo_fast.trainer import derive_seed
 
-    seed = derive_seed(c.seed, "warmstart")
+    seed = derive_seed(w.seed, "warmstart")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     warmup = max(1, w.steps // 20)

@@ -3,22 +3,22 @@
 Eager baselines: log_softmax(logits.float()).gather (selected), and F.linear followed by that
 (fused linear); also F.linear followed by selected_logprobs, and liger-kernel's fused linear
 cross-entropy where it is installed. CUDA: N=8192, V=126464, D=4096, bf16, timed with do_bench.
-CPU: N=2048, V=32000, D=512, float32 and bfloat16, each variant in its own processes.
+CPU: N=2048, V=32000, D=512, float32 and bfloat16: time by pytest-benchmark, peak memory in a fresh
+process per variant.
 
     python -m benchmarks.bench_logprobs [--quick]
 """
 
 from __future__ import annotations
 
-import json
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from atpo_fast import fused_linear_logprobs, selected_logprobs
 from atpo_fast.ops.fused_linear_logprobs import IMPLEMENTATION
-from benchmarks.common import (machine_info, measure_cpu, measure_in_workers, parse_args, print_table,
-                               write_results)
+from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
 
 CUDA_SHAPE = dict(n=8192, vocab=126464, dim=4096, dtype=torch.bfloat16)
 CPU_SHAPES = [dict(n=2048, vocab=32000, dim=512, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
@@ -74,18 +74,17 @@ def make_case(case: str, n: int, vocab: int, dim: int, dtype: torch.dtype, devic
     return variants
 
 
-def _worker(case: str, variant: str, shape: dict) -> dict:
-    return measure_cpu(make_case(case, **shape, device="cpu")[variant])
+def _shape_name(case: str, shape: dict) -> str:
+    dim = f" D={shape['dim']}" if case == "fused_linear" else ""
+    return f"{case} N={shape['n']} V={shape['vocab']}{dim} {str(shape['dtype']).split('.')[-1]}"
 
 
-def bench_cpu(shape: dict) -> list[dict]:
-    rows = []
-    for case in ("selected", "fused_linear"):
-        names = list(make_case(case, **dict(shape, n=2, vocab=8, dim=4), device="cpu"))
-        spec = json.dumps({k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in shape.items()})
-        results = {name: measure_in_workers("benchmarks.bench_logprobs", [case, name, spec]) for name in names}
-        rows += _rows(case, shape, {k: (r["seconds"] * 1e3, r["peak_extra_bytes"]) for k, r in results.items()})
-    return rows
+def cpu_cases(quick: bool) -> dict:
+    """Forward+backward of both ops against eager, per CPU shape (see benchmarks.common.run_cpu_suite)."""
+    variants = {"selected": ("eager", "atpo_fast"),
+                "fused_linear": ("eager", "atpo_fast", "F.linear + selected_logprobs")}
+    return {_shape_name(case, shape): (variants[case], functools.partial(make_case, case, **shape, device="cpu"))
+            for shape in ([QUICK_SHAPE] if quick else CPU_SHAPES) for case in variants}
 
 
 def bench_cuda(shape: dict) -> list[dict]:
@@ -109,36 +108,22 @@ def bench_cuda(shape: dict) -> list[dict]:
 def _rows(case: str, shape: dict, results: dict[str, tuple[float, int]]) -> list[dict]:
     eager_ms, eager_bytes = results["eager"]
     logits_bytes = 2 * shape["n"] * shape["vocab"]  # the bf16 logits one would otherwise hold
-    out = []
-    for name, (ms, peak) in results.items():
-        out.append({"op": case, "variant": name, "N": shape["n"], "V": shape["vocab"],
-                    "D": shape["dim"] if case == "fused_linear" else "", "dtype": str(shape["dtype"]).split(".")[-1],
-                    "fwd+bwd_ms": ms, "peak_extra_MiB": peak / 2**20, "time_vs_eager": ms / eager_ms,
-                    "memory_vs_eager": peak / eager_bytes, "peak_vs_2NV": peak / logits_bytes})
-    return out
+    return [{"case": _shape_name(case, shape), "variant": name, "fwd+bwd_ms": ms, "peak_extra_MiB": peak / 2**20,
+             "time_vs_eager": ms / eager_ms, "memory_vs_eager": peak / eager_bytes, "peak_vs_2NV": peak / logits_bytes}
+            for name, (ms, peak) in results.items()]
 
 
 def main() -> None:
-    args = parse_args(__doc__, ("CASE", "VARIANT", "SHAPE"))
-    if args.worker:
-        case, variant, spec = args.worker
-        shape = json.loads(spec)
-        shape["dtype"] = getattr(torch, shape["dtype"])
-        print(json.dumps(_worker(case, variant, shape)))
-        return
-
-    meta = machine_info()
-    meta["fused_linear_implementation"] = IMPLEMENTATION
-    cuda = torch.cuda.is_available() and not args.quick
-    if cuda:
+    args = parse_args(__doc__)
+    if torch.cuda.is_available() and not args.quick:
         table = bench_cuda(CUDA_SHAPE)
+        columns = ["case", "variant", "fwd+bwd_ms", "peak_extra_MiB", "time_vs_eager", "memory_vs_eager", "peak_vs_2NV"]
     else:
-        table = [row for shape in ([QUICK_SHAPE] if args.quick else CPU_SHAPES) for row in bench_cpu(shape)]
-    columns = ["op", "variant", "N", "V", "D", "dtype", "fwd+bwd_ms", "peak_extra_MiB", "time_vs_eager",
-               "memory_vs_eager", "peak_vs_2NV"]
+        table, columns = run_cpu_suite(["bench_logprobs"], args.quick), CPU_COLUMNS
     print_table(columns, table)
     if not args.quick:
-        notes = ("peak_extra counts everything allocated during forward+backward above the inputs, the "
+        meta = {**machine_info(), "fused_linear_implementation": IMPLEMENTATION}
+        notes = ("Peak extra memory counts everything allocated during forward+backward above the inputs, the "
                  "gradients included. fused_linear_logprobs: " + IMPLEMENTATION + ".")
         path = write_results("logprobs", "Log-prob ops: atpo_fast against PyTorch", columns, table, meta, notes)
         print(f"wrote {path}")

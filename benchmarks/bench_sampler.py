@@ -12,8 +12,6 @@ Recording overhead: whole rollouts of the tiny model, generate(record=True) agai
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -22,8 +20,8 @@ from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.base import DiffusionLM
 from atpo_fast.reference import llada_step
 from atpo_fast.sampler import denoise_step
-from benchmarks.common import (machine_info, measure_cpu, measure_in_workers, parse_args, print_table,
-                               time_interleaved, write_results)
+from benchmarks.common import (CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, time_interleaved,
+                               write_results)
 
 LLADA_VOCAB, LLADA_MASK = 126464, 126336
 
@@ -84,30 +82,26 @@ def _rollout(model, prompt, record: bool, kwargs):
         torch.cuda.synchronize()
 
 
-def _worker(variant: str, dim: int) -> dict:
-    return measure_cpu(postprocess_case("cpu", dim, torch.float32)[variant], repeats=3)
+FULL = dict(batch=8, prompt=128, gen_length=256, block=32)
+QUICK = dict(batch=2, prompt=16, gen_length=32, block=16)
+
+
+def cpu_cases(quick: bool) -> dict:
+    """One step's post-processing: LLaDA's reference (the baseline) against atpo_fast (see run_cpu_suite)."""
+    shape, dim = (QUICK, 64) if quick else (FULL, 256)
+    name = (f"sampler step B={shape['batch']} L={shape['prompt'] + shape['gen_length']} V={LLADA_VOCAB} D={dim} "
+            "float32")
+    return {name: (("LLaDA reference", "atpo_fast"), lambda: postprocess_case("cpu", dim, torch.float32, **shape))}
 
 
 def main() -> None:
-    args = parse_args(__doc__, ("VARIANT", "DIM"))
-    if args.worker:
-        print(json.dumps(_worker(args.worker[0], int(args.worker[1]))))
-        return
-    rows = []
-    dim = 64 if args.quick else 256
-    if not args.quick:
-        results = {v: measure_in_workers("benchmarks.bench_sampler", [v, str(dim)])
-                   for v in ("atpo_fast", "LLaDA reference")}
-        base = results["LLaDA reference"]
-        for name, r in results.items():
-            rows.append({"device": "cpu", "variant": name, "D": dim, "dtype": "float32", "step_ms": r["seconds"] * 1e3,
-                         "peak_extra_MiB": r["peak_extra_bytes"] / 2**20, "speedup": base["seconds"] / r["seconds"],
-                         "memory_vs_reference": r["peak_extra_bytes"] / base["peak_extra_bytes"]})
-    if torch.cuda.is_available():
+    args = parse_args(__doc__)
+    table = run_cpu_suite(["bench_sampler"], args.quick)
+    if torch.cuda.is_available() and not args.quick:
         from triton.testing import do_bench
 
         times, peaks = {}, {}
-        for name, fn in postprocess_case("cuda", 4096, torch.bfloat16).items():
+        for name, fn in postprocess_case("cuda", 4096, torch.bfloat16, **FULL).items():
             fn()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -115,25 +109,29 @@ def main() -> None:
             times[name] = do_bench(fn, return_mode="median")
             peaks[name] = torch.cuda.max_memory_allocated() - start
         for name in times:
-            rows.append({"device": "cuda", "variant": name, "D": 4096, "dtype": "bfloat16", "step_ms": times[name],
-                         "peak_extra_MiB": peaks[name] / 2**20, "speedup": times["LLaDA reference"] / times[name],
-                         "memory_vs_reference": peaks[name] / peaks["LLaDA reference"]})
+            table.append({"case": "sampler step B=8 L=384 V=126464 D=4096 bfloat16 (cuda)", "variant": name,
+                          "time_ms": times[name], "peak_extra_MiB": peaks[name] / 2**20, "baseline": "LLaDA reference",
+                          "speedup": times["LLaDA reference"] / times[name],
+                          "memory_vs_baseline": peaks[name] / peaks["LLaDA reference"]})
     overhead = [dict(device="cpu", **trace_overhead("cpu", 4 if args.quick else 8, 32 if args.quick else 64))]
     if torch.cuda.is_available():
         overhead.append(dict(device="cuda", **trace_overhead("cuda", 8, 64)))
-    columns = ["device", "variant", "D", "dtype", "step_ms", "peak_extra_MiB", "speedup", "memory_vs_reference"]
-    if rows:
-        print_table(columns, rows)
-    overhead_columns = ["device", "rollout_ms_record_on", "rollout_ms_record_off", "trace_overhead_pct"]
-    print_table(overhead_columns, overhead)
+    print_table(CPU_COLUMNS, table)
+    print_table(OVERHEAD_COLUMNS, overhead)
     if not args.quick:
-        meta = machine_info()
-        notes = ("Trace overhead (tiny model, B=8, prompt 32, gen 64, block 16, 64 steps): " + "; ".join(
-            f"{o['device']}: {o['trace_overhead_pct']:.2f}% ({o['rollout_ms_record_on']:.1f} ms with the trace, "
-            f"{o['rollout_ms_record_off']:.1f} ms without)" for o in overhead))
         path = write_results("sampler", "Sampler post-processing per step: atpo_fast against LLaDA's reference",
-                             columns, rows, meta, notes)
+                             CPU_COLUMNS, table, machine_info(), overhead_note(overhead))
         print(f"wrote {path}")
+
+
+OVERHEAD_COLUMNS = ["device", "rollout_ms_record_on", "rollout_ms_record_off", "trace_overhead_pct"]
+
+
+def overhead_note(overhead: list[dict]) -> str:
+    return ("Trace overhead (tiny model, B=8, prompt 32, gen 64, block 16, 64 steps, record on against off, "
+            "interleaved medians): " + "; ".join(
+                f"{o['device']}: {o['trace_overhead_pct']:.2f}% ({o['rollout_ms_record_on']:.1f} ms with the trace, "
+                f"{o['rollout_ms_record_off']:.1f} ms without)" for o in overhead))
 
 
 if __name__ == "__main__":

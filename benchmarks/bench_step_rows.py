@@ -13,7 +13,7 @@ import torch
 
 from atpo_fast import build_step_rows
 from atpo_fast.ops.step_rows import StepRows, native_extension
-from benchmarks.common import machine_info, parse_args, print_table, time_cpu, write_results
+from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
 
 MASK_ID = 126336
 
@@ -48,43 +48,55 @@ def python_loop_builder(tokens, step_map, starts, ends, mask_id) -> StepRows:
                     target_pos, tokens[seq_index[target_row], target_pos])
 
 
-def run(shape: dict, device: str) -> list[dict]:
-    inputs = make_inputs(**shape, device=device)
-    variants = {
-        "atpo_fast native": lambda: build_step_rows(*inputs, MASK_ID, backend="native"),
-        "torch fallback": lambda: build_step_rows(*inputs, MASK_ID, backend="torch"),
-        "python loop": lambda: python_loop_builder(*inputs, MASK_ID),
-    }
-    reference = variants["torch fallback"]()
-    for name, fn in variants.items():  # every variant builds the same rows
-        assert all(torch.equal(a, b) for a, b in zip(fn(), reference)), name
-    if device == "cuda":
-        from triton.testing import do_bench
+FULL = dict(batch=64, length=1024, prompt=256, steps=256, slots=64)
+QUICK = dict(batch=8, length=256, prompt=64, steps=64, slots=16)
+VARIANTS = ("torch fallback", "atpo_fast native", "python loop")
 
-        times = {name: do_bench(fn, return_mode="median") for name, fn in variants.items()}
-    else:
-        times = {name: time_cpu(fn, repeats=5) * 1e3 for name, fn in variants.items()}
-    rows, targets = reference.input_ids.shape[0], reference.target_row.shape[0]
-    return [{"variant": name, "device": device, "B": shape["batch"], "L": shape["length"], "k": shape["slots"],
-             "rows": rows, "targets": targets, "time_ms": ms, "speedup_vs_torch": times["torch fallback"] / ms,
-             "speedup_vs_loop": times["python loop"] / ms} for name, ms in times.items()]
+
+def variants(shape: dict, device: str) -> dict:
+    inputs = make_inputs(**shape, device=device)
+    return {"torch fallback": lambda: build_step_rows(*inputs, MASK_ID, backend="torch"),
+            "atpo_fast native": lambda: build_step_rows(*inputs, MASK_ID, backend="native"),
+            "python loop": lambda: python_loop_builder(*inputs, MASK_ID)}
+
+
+def cpu_cases(quick: bool) -> dict:
+    """The extension against the torch fallback (the baseline) and a Python loop (see run_cpu_suite)."""
+    shape = QUICK if quick else FULL
+    name = f"step_rows B={shape['batch']} L={shape['length']} k={shape['slots']}"
+    return {name: (VARIANTS, lambda: variants(shape, "cpu"))}
+
+
+def check_same_rows(fns: dict) -> None:
+    reference = fns["torch fallback"]()
+    for name, fn in fns.items():  # every variant builds the same rows
+        assert all(torch.equal(a, b) for a, b in zip(fn(), reference)), name
+
+
+def bench_cuda(shape: dict) -> list[dict]:
+    from triton.testing import do_bench
+
+    fns = variants(shape, "cuda")
+    check_same_rows(fns)
+    times = {name: do_bench(fn, return_mode="median") for name, fn in fns.items()}
+    return [{"case": f"step_rows B={shape['batch']} L={shape['length']} k={shape['slots']}", "variant": name,
+             "time_ms": ms, "baseline": "torch fallback", "speedup": times["torch fallback"] / ms}
+            for name, ms in times.items()]
 
 
 def main() -> None:
     args = parse_args(__doc__)
     if native_extension() is None:
         raise SystemExit("atpo_fast._C is not built; install with `pip install --no-build-isolation -e .`")
-    shape = dict(batch=64, length=1024, prompt=256, steps=256, slots=64)
-    if args.quick:
-        shape = dict(batch=8, length=256, prompt=64, steps=64, slots=16)
-    table = run(shape, "cpu")
+    shape = QUICK if args.quick else FULL
+    check_same_rows(variants(shape, "cpu"))
+    table = run_cpu_suite(["bench_step_rows"], args.quick)
     if torch.cuda.is_available() and native_extension().with_cuda:
-        table += run(shape, "cuda")
-    columns = ["variant", "device", "B", "L", "k", "rows", "targets", "time_ms", "speedup_vs_torch", "speedup_vs_loop"]
-    print_table(columns, table)
+        table += bench_cuda(shape)
+    print_table(CPU_COLUMNS, table)
     if not args.quick:
-        path = write_results("step_rows", "build_step_rows: extension against torch and a Python loop", columns, table,
-                             machine_info())
+        path = write_results("step_rows", "build_step_rows: extension against torch and a Python loop", CPU_COLUMNS,
+                             table, machine_info())
         print(f"wrote {path}")
 
 

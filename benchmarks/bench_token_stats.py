@@ -2,22 +2,19 @@
 
 CUDA: median time by triton.testing.do_bench, GB/s from the 2*N*V bytes of bf16 logits, percent
 of a measured device-to-device copy, for V = 126464 and N = 64, 256, 4096, 16384.
-CPU: time and peak extra resident memory of the chunked torch path against eager at fp32; each
-variant runs in its own process so its peak is its own.
+CPU: time (pytest-benchmark) and peak extra resident memory (a fresh process per variant) of the
+chunked torch path against eager at fp32, N = 2048, V = 126464.
 
     python -m benchmarks.bench_token_stats            # full setting, writes benchmarks/results/
-    python -m benchmarks.bench_token_stats --quick    # small CPU setting (the README demo)
+    python -m benchmarks.bench_token_stats --quick    # small CPU setting, no result files
 """
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from atpo_fast import token_stats
-from benchmarks.common import (machine_info, measure_cpu, measure_in_workers, parse_args, print_table,
-                               write_results)
+from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
 
 VOCAB = 126464
 GPU_ROWS = (64, 256, 4096, 16384)
@@ -34,25 +31,15 @@ def eager_token_stats(logits: torch.Tensor):
     return entropy, top.values[..., 0], top.values[..., 0] - top.values[..., 1], argmax, p.gather(-1, argmax[..., None])
 
 
-def _worker(variant: str, rows: int, vocab: int) -> dict:
-    torch.manual_seed(0)
-    logits = torch.randn(rows, vocab) * 3
-    fn = {"atpo_fast": lambda: token_stats(logits, backend="torch"), "eager": lambda: eager_token_stats(logits)}[variant]
-    return measure_cpu(fn)
+def cpu_cases(quick: bool) -> dict:
+    """The CPU case: the chunked torch path against eager at fp32 (see benchmarks.common.run_cpu_suite)."""
+    rows = 256 if quick else 2048
 
+    def build():
+        logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+        return {"eager": lambda: eager_token_stats(logits), "atpo_fast": lambda: token_stats(logits, backend="torch")}
 
-def bench_cpu(rows: int, vocab: int) -> list[dict]:
-    results = {v: measure_in_workers("benchmarks.bench_token_stats", [v, str(rows), str(vocab)]) for v in ("eager", "atpo_fast")}
-    eager = results["eager"]
-    table = []
-    for variant, r in results.items():
-        table.append({
-            "variant": variant, "N": rows, "V": vocab, "dtype": "float32",
-            "time_ms": r["seconds"] * 1e3, "peak_extra_MiB": r["peak_extra_bytes"] / 2**20,
-            "speedup_vs_eager": eager["seconds"] / r["seconds"],
-            "memory_vs_eager": r["peak_extra_bytes"] / eager["peak_extra_bytes"],
-        })
-    return table
+    return {f"token_stats N={rows} V={VOCAB} float32": (("eager", "atpo_fast"), build)}
 
 
 def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
@@ -90,23 +77,16 @@ def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
 
 
 def main() -> None:
-    args = parse_args(__doc__, ("VARIANT", "ROWS", "VOCAB"))
-    if args.worker:
-        variant, rows, vocab = args.worker
-        print(json.dumps(_worker(variant, int(rows), int(vocab))))
-        return
-
-    meta = machine_info()
+    args = parse_args(__doc__)
     if torch.cuda.is_available() and not args.quick:
         table = bench_cuda()
         columns = ["variant", "N", "V", "dtype", "time_ms", "GB/s", "pct_of_copy", "copy_GB/s", "peak_extra_MiB",
                    "speedup_vs_eager", "speedup_vs_compile"]
     else:
-        table = bench_cpu(256 if args.quick else 2048, VOCAB)
-        columns = ["variant", "N", "V", "dtype", "time_ms", "peak_extra_MiB", "speedup_vs_eager", "memory_vs_eager"]
+        table, columns = run_cpu_suite(["bench_token_stats"], args.quick), CPU_COLUMNS
     print_table(columns, table)
     if not args.quick:
-        path = write_results("token_stats", "token_stats: atpo_fast against PyTorch", columns, table, meta)
+        path = write_results("token_stats", "token_stats: atpo_fast against PyTorch", columns, table, machine_info())
         print(f"wrote {path}")
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def machine_info() -> dict:
@@ -58,33 +61,67 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so a peak excludes earlier work."""
-    Path("/proc/self/clear_refs").write_text("5")
+def peak_extra_bytes(fn) -> int:
+    """Peak resident memory of fn() above the state before it, after one warm-up call (Linux).
 
-
-def measure_cpu(fn, repeats: int = 5) -> dict:
-    """Median wall time of fn() and its peak resident memory above the state before it.
-
-    One warm-up call runs first, so one-off initialisation stays out of both figures.
+    Run it in a process started with MALLOC_MMAP_THRESHOLD_ set (see memory_in_worker), so that
+    freed memory leaves the process and resident size follows live memory.
     """
     fn()
-    reset_peak_rss()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     baseline = rss_bytes("VmRSS")
-    seconds = time_cpu(fn, repeats, warmup=False)
-    return {"seconds": seconds, "peak_extra_bytes": rss_bytes("VmHWM") - baseline}
+    fn()
+    return rss_bytes("VmHWM") - baseline
 
 
-def time_cpu(fn, repeats: int = 3, warmup: bool = True) -> float:
-    """Median wall time of fn() in seconds, after one warm-up call unless warmup is False."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def memory_in_worker(module: str, case: str, variant: str, quick: bool) -> int:
+    """Peak extra bytes of one CPU case, measured in a fresh process (benchmarks.worker)."""
+    args = [sys.executable, "-m", "benchmarks.worker", module, case, variant] + (["--quick"] if quick else [])
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {module} {case} {variant} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def pytest_benchmark_times(modules: list[str], quick: bool) -> dict[tuple[str, str, str], float]:
+    """Median seconds of every CPU case of `modules`, timed by pytest-benchmark in one pytest run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        env = {**os.environ, "ATPO_BENCH_MODULES": ",".join(modules), "ATPO_BENCH_QUICK": "1" if quick else "0"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_cpu_kernels.py", "-q",
+                               "-p", "no:cacheprovider", f"--benchmark-json={out}"], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pytest-benchmark run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+        report = json.loads(out.read_text())
+    return {tuple(b["extra_info"][k] for k in ("module", "case", "variant")): b["stats"]["median"]
+            for b in report["benchmarks"]}
+
+
+def run_cpu_suite(modules: list[str], quick: bool) -> list[dict]:
+    """Rows of every CPU case: median time (pytest-benchmark) and peak extra memory (a fresh process each),
+    with ratios against the case's first variant, measured in this same run.
+
+    Each module defines cpu_cases(quick) -> {case: (variant names, build)}, where build() makes the
+    inputs and returns {variant: zero-argument callable}; the first variant is the baseline.
+    """
+    times = pytest_benchmark_times(modules, quick)
+    rows = []
+    for module in modules:
+        for case, (variants, _) in importlib.import_module(f"benchmarks.{module}").cpu_cases(quick).items():
+            base = variants[0]
+            memory = {v: memory_in_worker(module, case, v, quick) for v in variants}
+            for v in variants:
+                seconds = times[(module, case, v)]
+                rows.append({"case": case, "variant": v, "time_ms": seconds * 1e3,
+                             "peak_extra_MiB": memory[v] / 2**20, "baseline": base,
+                             "speedup": times[(module, case, base)] / seconds,
+                             "memory_vs_baseline": memory[v] / max(memory[base], 1)})
+    return rows
+
+
+CPU_COLUMNS = ["case", "variant", "time_ms", "peak_extra_MiB", "baseline", "speedup", "memory_vs_baseline"]
 
 
 def time_interleaved(fns: dict, repeats: int = 9) -> dict:
@@ -100,32 +137,12 @@ def time_interleaved(fns: dict, repeats: int = 9) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def run_worker(module: str, args: list[str], env: dict | None = None) -> dict:
-    """Run `python -m module --worker ...` in a fresh process (so its peak RSS is its own); parse JSON."""
-    proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def measure_in_workers(module: str, args: list[str]) -> dict:
-    """Time and peak memory of one variant, each from its own fresh worker process.
-
-    Memory is read with glibc told to mmap every block over 64 KiB (MALLOC_MMAP_THRESHOLD_), so
-    freed memory leaves the process and resident size follows live memory; otherwise a warm-up's
-    freed heap would hide the next call's allocations. Time is read with the default allocator.
-    """
-    seconds = run_worker(module, args)["seconds"]
-    peak = run_worker(module, args, env={"MALLOC_MMAP_THRESHOLD_": "65536"})["peak_extra_bytes"]
-    return {"seconds": seconds, "peak_extra_bytes": peak}
-
-
-def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "") -> Path:
-    """Write benchmarks/results/<name>_<device>_<date>.md and .json; returns the Markdown path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "",
+                  results_dir: Path = RESULTS_DIR) -> Path:
+    """Write <results_dir>/<name>_<device>_<date>.md and .json; returns the Markdown path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if meta.get("device", "cpu") != "cpu" else "cpu"
-    stem = RESULTS_DIR / f"{name}_{device}_{meta['date']}"
+    stem = results_dir / f"{name}_{device}_{meta['date']}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in meta.items()), ""]
     if notes:
@@ -152,10 +169,8 @@ def print_table(columns: list[str], rows: list[dict]) -> None:
         print("  ".join(_fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
 
 
-def parse_args(doc: str, worker_fields: tuple[str, ...] = ()) -> argparse.Namespace:
-    """The benchmarks' command line: --quick, and the hidden --worker a parent uses to spawn a process."""
+def parse_args(doc: str) -> argparse.Namespace:
+    """The benchmarks' command line: --quick (small shapes, no result files)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
-    if worker_fields:
-        parser.add_argument("--worker", nargs=len(worker_fields), metavar=worker_fields, help=argparse.SUPPRESS)
     return parser.parse_args()

@@ -45,7 +45,7 @@ class CharTokenizer:
         for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
             if i == self.eos_id and stop_at_eos:
                 break
-            if i >= len(SPECIAL_TOKENS):
+            if len(SPECIAL_TOKENS) <= i < self.vocab_size:  # ids beyond the alphabet are dropped
                 out.append(self.chars[i - len(SPECIAL_TOKENS)])
         return "".join(out)
 
@@ -59,6 +59,7 @@ class TinyConfig:
     max_length: int = 160
     attn_implementation: str = "sdpa"  # or "eager"
     chars: str = DEFAULT_CHARS
+    vocab_size: int | None = None  # a larger embedding and LM head than the alphabet needs (benchmarks)
 
 
 class TinyDiffusionLM(DiffusionLM):
@@ -75,7 +76,7 @@ class TinyDiffusionLM(DiffusionLM):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager' for the tiny model, "
                              f"got {config.attn_implementation!r}")
         self.tokenizer = CharTokenizer(config.chars)
-        self.vocab_size = self.tokenizer.vocab_size
+        self.vocab_size = max(self.tokenizer.vocab_size, config.vocab_size or 0)
         self.mask_id, self.eos_id, self.pad_id = self.tokenizer.mask_id, self.tokenizer.eos_id, self.tokenizer.pad_id
         self.max_length = config.max_length
         llama = LlamaConfig(

@@ -1,0 +1,80 @@
+"""The benchmark suite's one entry point.
+
+    python -m benchmarks kernels [--quick]   every kernel benchmark: pytest-benchmark + memory on CPU,
+                                             triton.testing.do_bench on CUDA; one table + JSON per run
+    python -m benchmarks trainer [--quick] [--layers N]   one ATPO iteration against the plain PyTorch path
+    python -m benchmarks compare [--quick]   selection rules at equal budget (compare_rules)
+    python -m benchmarks analyze RUN_DIR     confusion-zone analysis of a run's checkpoint
+    python -m benchmarks all [--quick]       kernels, then trainer
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import torch
+
+from benchmarks.common import CPU_COLUMNS, RESULTS_DIR, machine_info, print_table, run_cpu_suite, write_results
+
+KERNEL_MODULES = ["bench_token_stats", "bench_logprobs", "bench_step_rows", "bench_sampler"]
+
+
+def kernels(quick: bool, results_dir=RESULTS_DIR) -> list[dict]:
+    if torch.cuda.is_available() and not quick:
+        table = cuda_kernels()
+    else:
+        table = run_cpu_suite(KERNEL_MODULES, quick)
+    sampler = importlib.import_module("benchmarks.bench_sampler")
+    overhead = sampler.trace_overhead("cuda" if torch.cuda.is_available() else "cpu", 4 if quick else 8,
+                                      32 if quick else 64)
+    columns = list(dict.fromkeys(k for row in table for k in row)) if torch.cuda.is_available() and not quick \
+        else CPU_COLUMNS
+    print_table(columns, table)
+    name = "kernels_quick" if quick else "kernels"
+    path = write_results(name, "Kernel benchmarks: atpo_fast against its baselines", columns, table, machine_info(),
+                         sampler.overhead_note([dict(device="cuda" if torch.cuda.is_available() else "cpu", **overhead)]),
+                         results_dir=results_dir)
+    print(f"wrote {path}")
+    return table
+
+
+def cuda_kernels() -> list[dict]:
+    """Every module's CUDA benchmark (do_bench), as rows of one table."""
+    token_stats = importlib.import_module("benchmarks.bench_token_stats")
+    logprobs = importlib.import_module("benchmarks.bench_logprobs")
+    step_rows = importlib.import_module("benchmarks.bench_step_rows")
+    rows = [{"case": f"token_stats N={r.pop('N')} V={r.pop('V')} {r.pop('dtype')}", **r} for r in token_stats.bench_cuda()]
+    rows += logprobs.bench_cuda(logprobs.CUDA_SHAPE)
+    rows += step_rows.bench_cuda(step_rows.FULL)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["kernels", "trainer", "compare", "analyze", "all"])
+    parser.add_argument("run_dir", nargs="?", help="the run folder (analyze)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")
+    args = parser.parse_args()
+    if args.what in ("kernels", "all"):
+        kernels(args.quick)
+    if args.what in ("trainer", "all"):
+        importlib.import_module("benchmarks.bench_trainer").main((["--quick"] if args.quick else [])
+                                                                 + ["--layers", str(args.layers)])
+    if args.what == "compare":
+        importlib.import_module("benchmarks.compare_rules").main(["--quick"] if args.quick else [])
+    if args.what == "analyze":
+        if not args.run_dir:
+            parser.error("analyze needs RUN_DIR")
+        from atpo_fast.analysis import analyze_run
+
+        report = analyze_run(args.run_dir)
+        print(json.dumps({name: data["best_window"] for name, data in report["signals"].items()}, indent=2))
+        print(f"wrote {args.run_dir}/analysis.json and analysis.png")
+
+
+if __name__ == "__main__":
+    main()

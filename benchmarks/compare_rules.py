@@ -1,0 +1,135 @@
+"""Method comparison: every selection rule at the same budget and iterations, over seeds, from one warm start.
+
+Variants: uniform (TraceRL's intervals), random / entropy / margin / roec / hybrid (ATPO) in select
+and partition modes, and "all steps" (every denoising step its own row: the most expensive
+baseline). Each trains the tiny model on the default task from the same warm-start checkpoint;
+the table gives held-out greedy accuracy after training (mean and spread over seeds) with each
+variant's cost (rows and target tokens trained per iteration, update seconds per iteration), and
+a PNG shows held-out accuracy over iterations.
+
+    python -m benchmarks.compare_rules               # full: 3 seeds, 60 iterations each (about 2 h on 2 cores)
+    python -m benchmarks.compare_rules --quick       # CI smoke: small model, 1 seed, 2 iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from atpo_fast.config import load_config
+from atpo_fast.trainer import METRICS, Trainer, train
+from atpo_fast.warmstart import cache_folder, warm_start
+from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
+
+RULES = ("random", "entropy", "margin", "roec", "hybrid")
+QUICK = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+         "model.max_length=40", "warmstart.steps=20", "warmstart.batch_size=16", "optim.prompts_per_iter=4",
+         "optim.group_size=4", "eval.size=16", "eval.pass_k=0", "eval.every=1",
+         "task.options={train_size: 300, test_size: 16}"]
+
+
+def variants(steps: int) -> list[tuple[str, list[str]]]:
+    out = [("uniform (TraceRL)", ["selection.rule=uniform"])]
+    out += [(f"{rule}/{mode}", [f"selection.rule={rule}", f"selection.mode={mode}"])
+            for rule in RULES for mode in ("select", "partition")]
+    out.append(("all steps", ["selection.rule=uniform", f"selection.budget={steps}"]))
+    return out
+
+
+def run_variant(name: str, overrides: list[str], seed: int, base: list[str], work: Path) -> dict:
+    slug = name.split(" ")[0].replace("/", "-") + ("-all" if name == "all steps" else "")
+    run_name = f"{slug}-seed{seed}"
+    shutil.rmtree(work / run_name, ignore_errors=True)
+    config = load_config(None, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
+                                                   f"logging.name={run_name}"])
+    summary = train(config, progress=False)
+    history = [json.loads(line) for line in (Path(summary["run_dir"]) / METRICS).read_text().splitlines()]
+    iterations = [m for m in history if "phase" not in m]
+    curve = [(m["iteration"] + (0 if "phase" in m else 1), m["eval"]["accuracy"]) for m in history if "eval" in m]
+    return {"variant": name, "seed": seed, "before": summary["before"], "after": summary["after"], "curve": curve,
+            "rows_per_iter": statistics.mean(m.get("rows", 0) for m in iterations),
+            "targets_per_iter": statistics.mean(m.get("targets", 0) for m in iterations),
+            "update_s_per_iter": statistics.mean(m.get("update_time", 0.0) for m in iterations)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        after = [r["after"]["accuracy"] for r in mine]
+        row = {"variant": name, "seeds": len(mine), "acc_before": mine[0]["before"]["accuracy"],
+               "acc_after_mean": statistics.mean(after), "acc_after_std": statistics.pstdev(after),
+               "acc_after_min": min(after), "acc_after_max": max(after)}
+        for key in ("rows_per_iter", "targets_per_iter", "update_s_per_iter"):
+            row[key] = statistics.mean(r[key] for r in mine)
+        pass_keys = [k for k in mine[0]["after"] if k.startswith("pass@")]
+        if pass_keys:
+            row[pass_keys[0] + "_after"] = statistics.mean(r["after"][pass_keys[0]] for r in mine)
+        table.append(row)
+    return table
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        curves = [dict(r["curve"]) for r in runs if r["variant"] == name]
+        its = sorted(set.intersection(*(set(c) for c in curves)))
+        style = "-" if name.startswith(("hybrid", "uniform", "all")) else ":"
+        ax.plot(its, [statistics.mean(c[i] for c in curves) for i in its], style, marker="o", ms=3, label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 1 seed, 2 iterations")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--work-dir", default=".cache/compare_rules", help="where the runs' folders go")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the table, JSON and plot go")
+    args = parser.parse_args(argv)
+    seeds, iterations = (1, 2) if args.quick else (args.seeds, args.iterations)
+    work = Path(args.work_dir)
+    base = (QUICK if args.quick else []) + [f"optim.iterations={iterations}", f"warmstart.cache_dir={work / 'warm'}"]
+
+    warm_config = load_config(None, base + [f"logging.run_dir={work}"])
+    trainer = Trainer(warm_config, work)
+    warm_start(trainer, progress=not args.quick)  # one warm start shared by every run: model.path below
+    shared = base + [f"model.path={cache_folder(trainer)}", "warmstart.steps=0"]
+
+    runs = [run_variant(name, overrides, seed, shared, work)
+            for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)]
+    table = summarize(runs)
+    columns = ["variant", "seeds", "acc_before", "acc_after_mean", "acc_after_std", "acc_after_min", "acc_after_max"]
+    columns += [k for k in table[0] if k.startswith("pass@")] + ["rows_per_iter", "targets_per_iter",
+                                                                  "update_s_per_iter"]
+    print_table(columns, table)
+    meta = {**machine_info(), "setting": "quick" if args.quick else "full", "iterations": iterations,
+            "seeds": seeds, "budget": warm_config.selection.budget, "task": warm_config.task.name}
+    notes = (f"Tiny model, task {warm_config.task.name}, {iterations} iterations, budget "
+             f"{warm_config.selection.budget} rows per response, {seeds} seed(s), one shared warm start.")
+    results_dir = Path(args.results_dir)
+    name = "compare_rules_quick" if args.quick else "compare_rules"
+    path = write_results(name, "Selection rules at equal budget: held-out accuracy", columns, table, meta, notes,
+                         results_dir=results_dir)
+    plot_curves(runs, path.with_suffix(".png"))
+    (path.with_name(path.stem + "_runs.json")).write_text(json.dumps(runs, indent=2))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    return {"table": table, "runs": runs, "path": str(path)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmark suite's quick settings: they run, and their result files parse and hold every field."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed one
+
+META_FIELDS = {"date", "python", "torch", "triton", "cpu", "cpu_count", "device"}
+
+
+def load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert META_FIELDS <= set(data["meta"]), META_FIELDS - set(data["meta"])
+    assert data["rows"], "no result rows"
+    return data
+
+
+def test_kernels_quick(tmp_path):
+    from benchmarks.__main__ import kernels
+    from benchmarks.common import CPU_COLUMNS
+
+    kernels(quick=True, results_dir=tmp_path)
+    (json_file,) = tmp_path.glob("kernels_quick_*.json")
+    data = load(json_file)
+    cases = {row["case"].split(" ")[0] for row in data["rows"]}
+    assert cases == {"token_stats", "selected", "fused_linear", "step_rows", "sampler"}
+    for row in data["rows"]:
+        assert set(CPU_COLUMNS) <= set(row), row
+        assert row["time_ms"] > 0 and row["peak_extra_MiB"] >= 0
+        if row["variant"] == row["baseline"]:
+            assert row["speedup"] == 1.0 and row["memory_vs_baseline"] == pytest.approx(1.0)
+    assert "Trace overhead" in json_file.with_suffix(".md").read_text()
+
+
+def test_trainer_bench_quick():
+    from benchmarks.bench_trainer import main
+
+    table = main(["--quick"])
+    assert [row["variant"] for row in table] == ["atpo_fast", "plain"]
+    for row in table:
+        assert row["iteration_s"] > 0 and row["rollout_s"] > 0 and row["rows"] > 0 and row["targets"] >= row["rows"]
+
+
+def test_compare_rules_quick(tmp_path):
+    from benchmarks.compare_rules import main
+
+    result = main(["--quick", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path)])
+    (json_file,) = tmp_path.glob("compare_rules_quick_*[0-9].json")
+    data = load(json_file)
+    variants = [row["variant"] for row in data["rows"]]
+    assert variants[0] == "uniform (TraceRL)" and variants[-1] == "all steps" and len(variants) == 12
+    assert "hybrid/select" in variants and "roec/partition" in variants
+    for row in data["rows"]:
+        for key in ("seeds", "acc_before", "acc_after_mean", "acc_after_std", "rows_per_iter", "targets_per_iter"):
+            assert key in row, key
+        assert 0 <= row["acc_after_mean"] <= 1
+    by_name = {row["variant"]: row for row in data["rows"]}
+    assert by_name["all steps"]["rows_per_iter"] > by_name["hybrid/select"]["rows_per_iter"]  # the costly baseline
+    assert json_file.with_suffix(".png").is_file()
+    runs = json.loads(json_file.with_name(json_file.stem + "_runs.json").read_text())
+    assert len(runs) == 12 and all(run["curve"] for run in runs)
+    assert len(result["runs"]) == 12
