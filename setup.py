@@ -18,13 +18,16 @@ CSRC = Path("csrc")
 def native_extension():
     cpp = sorted(str(p) for p in CSRC.glob("*.cpp"))
     cuda = sorted(str(p) for p in CSRC.glob("*.cu"))
-    extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch's build tooling picks for its headers
+    # The C++ standard is the one torch's build tooling picks for its headers. ATen's parallel_for is
+    # header-inline OpenMP: without -fopenmp it silently runs on one thread.
+    extra = {"cxx": ["-O3", "-fopenmp"]}
+    link = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("ATPO_FAST_NO_CUDA") != "1"
     if with_cuda:
         extra["nvcc"] = ["-O3"]
         return CUDAExtension("atpo_fast._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
-                             extra_compile_args=extra)
-    return CppExtension("atpo_fast._C", cpp, extra_compile_args=extra)
+                             extra_compile_args=extra, extra_link_args=link)
+    return CppExtension("atpo_fast._C", cpp, extra_compile_args=extra, extra_link_args=link)
 
 
 setup(

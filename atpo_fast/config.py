@@ -13,18 +13,16 @@ from typing import Any, Optional
 
 import yaml
 
+from atpo_fast.models.tiny import TinyConfig
+
 
 @dataclasses.dataclass
 class ModelConfig:
     kind: str = "tiny"  # tiny | llada | dream
-    path: Optional[str] = None  # local folder of weights (required for llada / dream)
+    path: Optional[str] = None  # local folder of weights (required for llada / dream; optional for tiny)
     dtype: str = "float32"  # float32 | bfloat16: parameter dtype (CUDA runs use bf16 autocast either way)
-    attn_implementation: Optional[str] = None  # e.g. flash_attention_2 for llada / dream, when installed
-    hidden_size: int = 128  # tiny model shape
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    max_length: int = 64
+    attn_implementation: Optional[str] = None  # llada / dream: e.g. flash_attention_2, when installed
+    tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)  # the tiny model's shape
 
 
 @dataclasses.dataclass

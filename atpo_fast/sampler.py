@@ -1,9 +1,9 @@
 """The dLLM sampler: LLaDA-style semi-autoregressive block unmasking that records the trajectory.
 
 At every denoising step: one model forward, the LM head applied to the masked positions of the
-current block only ([MASK] itself excluded from the vocabulary), one token_stats pass over those rows (entropy, margin, argmax or a Gumbel
-sample and its probability), then the commit. The per-step confusion signals come out of that same
-pass; nothing of size V outlives a step.
+current block only ([MASK] itself excluded from the vocabulary), one token_stats pass over those
+rows (entropy, margin, argmax or a Gumbel sample and its probability), then the commit. The
+per-step confusion signals come out of that same pass; nothing of size V outlives a step.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class _TraceRecorder:
         self.blocks.append(block)
 
     def trace(self, batch: int, device) -> Trace:
-        stacked = {name: torch.stack(v, 1) if v else torch.empty(batch, 0, device=device) for name, v in self.rows.items()}
+        stacked = {name: torch.stack(v, 1) if v else torch.empty(batch, 0, device=device)
+                   for name, v in self.rows.items()}
         return Trace(**stacked, block=torch.tensor(self.blocks, dtype=torch.int64))
 
 

@@ -61,7 +61,8 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
     signals = step_signals(trace, token_set)
     reached = signals["reached"]
     if per == "batch":
-        signals = {name: batch_average(v, reached)[None].expand_as(v) for name, v in signals.items() if name != "reached"}
+        signals = {name: batch_average(v, reached)[None].expand_as(v)
+                   for name, v in signals.items() if name != "reached"}
         valid = reached.any(0)[None].expand_as(reached)
     elif per == "trajectory":
         valid = reached

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from atpo_fast.config import TrainConfig, save_config
 from atpo_fast.io import atomic_write
 from atpo_fast.loss import clipped_policy_loss, group_advantages
-from atpo_fast.models import DiffusionLM, TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
+from atpo_fast.models import DiffusionLM, TinyDiffusionLM, load_hf_diffusion_lm
 from atpo_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 from atpo_fast.ops.step_rows import StepRows, build_step_rows
 from atpo_fast.sampler import Rollout, generate
@@ -51,10 +51,7 @@ def build_model(config: TrainConfig, device: torch.device) -> DiffusionLM:
         if m.path:
             return TinyDiffusionLM.from_pretrained(m.path, device=device)
         torch.manual_seed(derive_seed(config.warmstart.seed, "init"))
-        shape = TinyConfig(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                           intermediate_size=m.intermediate_size, max_length=m.max_length,
-                           attn_implementation=m.attn_implementation or "sdpa")
-        return TinyDiffusionLM(shape).to(device)
+        return TinyDiffusionLM(m.tiny).to(device)
     if m.kind in ("llada", "dream"):
         if not m.path:
             raise ValueError(f"model.kind={m.kind!r} needs model.path, a local folder of its weights")
@@ -151,7 +148,8 @@ class Trainer:
         """(r0, r1, t0, t1) slices of at most micro_batch_rows rows and their targets."""
         size = self.config.optim.micro_batch_rows
         n_rows = rows.input_ids.shape[0]
-        bounds = torch.searchsorted(rows.target_row, torch.arange(0, n_rows + size, size, device=rows.target_row.device))
+        row_starts = torch.arange(0, n_rows + size, size, device=rows.target_row.device)
+        bounds = torch.searchsorted(rows.target_row, row_starts)
         for r0, t0, t1 in zip(range(0, n_rows, size), bounds[:-1].tolist(), bounds[1:].tolist()):
             yield r0, min(r0 + size, n_rows), t0, t1
 
@@ -171,7 +169,8 @@ class Trainer:
         starts, ends = select_steps(rollout.trace, sel.budget, sel.rule, sel.mode, sel.alpha, sel.per,
                                     seed=seed, token_set=sel.token_set)
         starts[~informative], ends[~informative] = -1, -1
-        metrics = {"iteration": self.iteration, "reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
+        metrics = {"iteration": self.iteration, "reward": rewards.mean().item(),
+                   "accuracy": correct.float().mean().item(),
                    "informative_fraction": informative.float().mean().item(), "rollout_time": rollout_time,
                    "tokens_per_second": rollout.step_map.numel() / rollout_time,
                    **self.selection_metrics(rollout, starts)}

@@ -27,14 +27,14 @@ def kernels(quick: bool, results_dir=RESULTS_DIR) -> list[dict]:
     else:
         table = run_cpu_suite(KERNEL_MODULES, quick)
     sampler = importlib.import_module("benchmarks.bench_sampler")
-    overhead = sampler.trace_overhead("cuda" if torch.cuda.is_available() else "cpu", 4 if quick else 8,
-                                      32 if quick else 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    overhead = sampler.trace_overhead(device, 4 if quick else 8, 32 if quick else 64)
     columns = list(dict.fromkeys(k for row in table for k in row)) if torch.cuda.is_available() and not quick \
         else CPU_COLUMNS
     print_table(columns, table)
     name = "kernels_quick" if quick else "kernels"
     path = write_results(name, "Kernel benchmarks: atpo_fast against its baselines", columns, table, machine_info(),
-                         sampler.overhead_note([dict(device="cuda" if torch.cuda.is_available() else "cpu", **overhead)]),
+                         sampler.overhead_note([dict(device=device, **overhead)]),
                          results_dir=results_dir)
     print(f"wrote {path}")
     return table
@@ -45,7 +45,8 @@ def cuda_kernels() -> list[dict]:
     token_stats = importlib.import_module("benchmarks.bench_token_stats")
     logprobs = importlib.import_module("benchmarks.bench_logprobs")
     step_rows = importlib.import_module("benchmarks.bench_step_rows")
-    rows = [{"case": f"token_stats N={r.pop('N')} V={r.pop('V')} {r.pop('dtype')}", **r} for r in token_stats.bench_cuda()]
+    rows = [{"case": f"token_stats N={r.pop('N')} V={r.pop('V')} {r.pop('dtype')}", **r}
+            for r in token_stats.bench_cuda()]
     rows += logprobs.bench_cuda(logprobs.CUDA_SHAPE)
     rows += step_rows.bench_cuda(step_rows.FULL)
     return rows

@@ -42,38 +42,42 @@ def cpu_cases(quick: bool) -> dict:
     return {f"token_stats N={rows} V={VOCAB} float32": (("eager", "atpo_fast"), build)}
 
 
-def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
+def copy_bandwidth_gbps() -> float:
+    """A measured device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
     from triton.testing import do_bench
 
-    copy_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
-    copy_dst = torch.empty_like(copy_src)
-    copy_ms = do_bench(lambda: copy_dst.copy_(copy_src), return_mode="median")
-    copy_gbps = 2 * copy_src.numel() / copy_ms / 1e6  # read + write
-    del copy_src, copy_dst
-    compiled = torch.compile(eager_token_stats)
-    table = []
-    for rows in rows_list:
-        logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 3
-        bytes_read = 2 * rows * vocab
-        variants = {"atpo_fast": lambda: token_stats(logits), "eager": lambda: eager_token_stats(logits),
-                    "torch.compile": lambda: compiled(logits)}
-        times = {}
-        for name, fn in variants.items():
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            times[name] = do_bench(fn, return_mode="median")
-            peak = torch.cuda.max_memory_allocated() - base
-            table.append({"variant": name, "N": rows, "V": vocab, "dtype": "bfloat16", "time_ms": times[name],
-                          "GB/s": bytes_read / times[name] / 1e6,
-                          "pct_of_copy": 100 * bytes_read / times[name] / 1e6 / copy_gbps,
-                          "peak_extra_MiB": peak / 2**20})
-        for row in table[-3:]:
-            row["speedup_vs_eager"] = times["eager"] / row["time_ms"]
-            row["speedup_vs_compile"] = times["torch.compile"] / row["time_ms"]
-        del logits
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+
+
+def bench_cuda_rows(rows: int, vocab: int, compiled, copy_gbps: float) -> list[dict]:
+    """do_bench medians of every variant on bf16 logits [rows, vocab], with GB/s and the share of a copy."""
+    from triton.testing import do_bench
+
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 3
+    bytes_read = 2 * rows * vocab
+    variants = {"atpo_fast": lambda: token_stats(logits), "eager": lambda: eager_token_stats(logits),
+                "torch.compile": lambda: compiled(logits)}
+    table, times = [], {}
+    for name, fn in variants.items():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times[name] = do_bench(fn, return_mode="median")
+        table.append({"variant": name, "N": rows, "V": vocab, "dtype": "bfloat16", "time_ms": times[name],
+                      "GB/s": bytes_read / times[name] / 1e6, "copy_GB/s": copy_gbps,
+                      "pct_of_copy": 100 * bytes_read / times[name] / 1e6 / copy_gbps,
+                      "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20})
     for row in table:
-        row["copy_GB/s"] = copy_gbps
+        row["speedup_vs_eager"] = times["eager"] / row["time_ms"]
+        row["speedup_vs_compile"] = times["torch.compile"] / row["time_ms"]
     return table
+
+
+def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
+    copy_gbps = copy_bandwidth_gbps()
+    compiled = torch.compile(eager_token_stats)
+    return [row for rows in rows_list for row in bench_cuda_rows(rows, vocab, compiled, copy_gbps)]
 
 
 def main() -> None:

@@ -82,7 +82,8 @@ class PlainTrainer(Trainer):
                 tokens, step = new, step + 1
         counts = torch.stack([(step_map == t).sum(1) for t in range(step)], 1)
         nan = torch.full(counts.shape, float("nan"), device=self.device)
-        trace = Trace(nan, nan, nan, nan, nan, counts, torch.zeros_like(counts), nan, torch.zeros(step, dtype=torch.int64))
+        trace = Trace(nan, nan, nan, nan, nan, counts, torch.zeros_like(counts), nan,
+                      torch.zeros(step, dtype=torch.int64))
         return Rollout(tokens, step_map, trace, prompt_len, full_mask)
 
     def row_logprobs(self, rows, attention_mask, r0, r1, t0, t1):
@@ -98,7 +99,8 @@ def run(variant: str, shape: dict, plan: dict, device: str, iterations: int = 2)
     model = TinyDiffusionLM(TinyConfig(**shape, max_length=plan["prompt"] + plan["gen_length"])).to(device, dtype)
     config = load_config(None, [
         f"device={device}", f"sampler.gen_length={plan['gen_length']}", f"sampler.block_length={plan['block_length']}",
-        f"sampler.steps={plan['steps']}", f"optim.prompts_per_iter={plan['prompts']}", f"optim.group_size={plan['group']}",
+        f"sampler.steps={plan['steps']}", f"optim.prompts_per_iter={plan['prompts']}",
+        f"optim.group_size={plan['group']}",
         f"selection.budget={plan['budget']}", f"optim.micro_batch_rows={plan['micro']}", "optim.lr=1e-6",
         f"selection.rule={'hybrid' if variant == 'atpo_fast' else 'uniform'}"])
     cls = Trainer if variant == "atpo_fast" else PlainTrainer

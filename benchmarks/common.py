@@ -124,13 +124,14 @@ def run_cpu_suite(modules: list[str], quick: bool) -> list[dict]:
 CPU_COLUMNS = ["case", "variant", "time_ms", "peak_extra_MiB", "baseline", "speedup", "memory_vs_baseline"]
 
 
-def time_interleaved(fns: dict, repeats: int = 9) -> dict:
-    """Median seconds of each fn, calls interleaved round-robin so drift hits every variant alike."""
+def time_interleaved(fns: dict, repeats: int = 10) -> dict:
+    """Median seconds of each fn, calls interleaved round-robin (the order reversed every other round)
+    so that drift and order effects hit every variant alike."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name, fn in (list(fns.items()) if round_ % 2 == 0 else list(fns.items())[::-1]):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

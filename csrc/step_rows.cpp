@@ -2,7 +2,7 @@
 //
 // Row r comes from sequence b with interval [s, e): input_ids[r] = tokens[b] with every position whose
 // step_map >= s set to mask_id (the state before step s); the targets are positions with
-// s <= step_map < e. Two passes: count targets per row, prefix-sum, fill.
+// s <= step_map < e. Two passes: ids, mask and target counts per row; prefix sum; target lists.
 
 #include "step_rows.h"
 
@@ -76,14 +76,29 @@ std::vector<torch::Tensor> build_step_rows_cpu(const torch::Tensor& tokens, cons
   const int64_t* seq = rows.seq.data_ptr<int64_t>();
   const int64_t* start = rows.start.data_ptr<int64_t>();
   const int64_t* end = rows.end.data_ptr<int64_t>();
+  auto long_opts = torch::dtype(torch::kLong);
+  auto input_ids = torch::empty({n_rows, length}, long_opts);
+  auto target_mask = torch::empty({n_rows, length}, torch::dtype(torch::kBool));
+  int64_t* ids = input_ids.data_ptr<int64_t>();
+  bool* is_target = target_mask.data_ptr<bool>();
 
-  auto counts = torch::zeros({n_rows}, torch::dtype(torch::kLong));
-  int64_t* count = counts.data_ptr<int64_t>();
+  // Pass 1: input ids and target mask (a branch-free loop the compiler vectorises), and target counts.
+  std::vector<int64_t> count(n_rows);
   at::parallel_for(0, n_rows, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t* sm = steps + seq[r] * length;
+      const int64_t* tk = tok + seq[r] * length;
+      int64_t* out = ids + r * length;
+      bool* mask = is_target + r * length;
+      const int64_t s = start[r], e = end[r];
       int64_t c = 0;
-      for (int64_t i = 0; i < length; ++i) c += (sm[i] >= start[r]) & (sm[i] < end[r]);
+      for (int64_t i = 0; i < length; ++i) {
+        const bool masked = sm[i] >= s;
+        const bool target = masked & (sm[i] < e);
+        out[i] = masked ? mask_id : tk[i];
+        mask[i] = target;
+        c += target;
+      }
       count[r] = c;
     }
   });
@@ -91,30 +106,19 @@ std::vector<torch::Tensor> build_step_rows_cpu(const torch::Tensor& tokens, cons
   for (int64_t r = 0; r < n_rows; ++r) offset[r + 1] = offset[r] + count[r];
   const int64_t n_targets = offset[n_rows];
 
-  auto long_opts = torch::dtype(torch::kLong);
-  auto input_ids = torch::empty({n_rows, length}, long_opts);
-  auto target_mask = torch::empty({n_rows, length}, torch::dtype(torch::kBool));
+  // Pass 2: each row's targets, in position order, from the 1-byte mask.
   auto target_row = torch::empty({n_targets}, long_opts);
   auto target_pos = torch::empty({n_targets}, long_opts);
   auto target_token = torch::empty({n_targets}, long_opts);
-  int64_t* ids = input_ids.data_ptr<int64_t>();
-  bool* is_target = target_mask.data_ptr<bool>();
   int64_t* t_row = target_row.data_ptr<int64_t>();
   int64_t* t_pos = target_pos.data_ptr<int64_t>();
   int64_t* t_tok = target_token.data_ptr<int64_t>();
   at::parallel_for(0, n_rows, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t* sm = steps + seq[r] * length;
+      const bool* mask = is_target + r * length;
       const int64_t* tk = tok + seq[r] * length;
-      int64_t* out = ids + r * length;
-      bool* mask = is_target + r * length;
-      int64_t o = offset[r];
-      for (int64_t i = 0; i < length; ++i) {
-        const bool masked = sm[i] >= start[r];
-        const bool target = masked & (sm[i] < end[r]);
-        out[i] = masked ? mask_id : tk[i];
-        mask[i] = target;
-        if (target) {
+      for (int64_t i = 0, o = offset[r]; i < length; ++i) {
+        if (mask[i]) {
           t_row[o] = r;
           t_pos[o] = i;
           t_tok[o] = tk[i];

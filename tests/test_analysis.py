@@ -38,7 +38,8 @@ def test_planted_spike_is_found(gen):
     assert all(abs(a - 0.5) < 0.2 for i, a in enumerate(aurocs) if i not in (6, 7, 8))
     window = best_window(entropy, failed)
     assert (window["start"], window["end"], window["auroc"]) == (6, 7, 1.0)  # earliest and narrowest of the ties
-    report = confusion_zone_report(synthetic_trace(entropy), ~failed, torch.bincount(torch.tensor([6, 7, 8]), minlength=steps))
+    selected = torch.bincount(torch.tensor([6, 7, 8]), minlength=steps)
+    report = confusion_zone_report(synthetic_trace(entropy), ~failed, selected)
     spike = report["signals"]["entropy"]
     assert spike["best_window"]["start"] == 6 and spike["auroc_per_step"][7] == 1.0
     # low margin is read as "likely wrong": the margin built from entropy predicts failure equally well

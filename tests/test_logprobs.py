@@ -171,7 +171,8 @@ def test_selected_compiles(backend, gen):
     ((torch.zeros(3, 5), torch.zeros(3)), {}, "targets must be int64"),
     ((torch.zeros(3, 5), torch.tensor([0, 5, 1])), {}, r"targets must lie in \[0, 5\) or -100"),
     ((torch.zeros(3, 5), torch.tensor([0, -1, 1])), {}, "targets must lie in"),
-    ((torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64)), dict(temperature=0.0), "temperature must be finite and > 0"),
+    ((torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64)), dict(temperature=0.0),
+     "temperature must be finite and > 0"),
     ((torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)), dict(backend="triton"),
      "float64 only with backend='torch'"),
 ])
@@ -228,7 +229,8 @@ def test_fused_linear_fp32(gen, monkeypatch, vocab, bias, temperature, chunk_byt
         if r is None:
             assert g is None
             continue
-        assert g.dtype == (torch.float32 if name == "logprob" else problem[["logprob", "hidden", "weight", "bias"].index(name) - 1].dtype)
+        inputs = dict(zip(("hidden", "weight", "bias"), problem))
+        assert g.dtype == (torch.float32 if name == "logprob" else inputs[name].dtype)
         assert_fp32_close(g, r, name)
 
 

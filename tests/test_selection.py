@@ -92,8 +92,8 @@ def test_partition_covers_every_committed_token_once():
         step_map = torch.randint(0, steps, (batch, length), generator=gen)
         step_map[:, :5] = -1  # the prompt
         count = torch.stack([(step_map == t).sum(1) for t in range(steps)], 1)
-        trace = make_trace(torch.rand(batch, steps, generator=gen).tolist(), torch.rand(batch, steps, generator=gen).tolist(),
-                           torch.rand(batch, steps, generator=gen).tolist(), count.tolist())
+        signals = [torch.rand(batch, steps, generator=gen).tolist() for _ in range(3)]
+        trace = make_trace(*signals, count.tolist())
         starts, ends = select_steps(trace, 4, rule, mode="partition", seed=0)
         built = build_step_rows(torch.zeros(batch, length, dtype=torch.int64), step_map, starts, ends, 7)
         hits = torch.zeros(batch, length, dtype=torch.int64)

@@ -48,7 +48,8 @@ def loop_reference(tokens, step_map, starts, ends, mask_id):
             seq_index.append(b)
             step_start.append(s)
     as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    return StepRows(as_long(input_ids).reshape(-1, length), torch.tensor(target_mask, dtype=torch.bool).reshape(-1, length),
+    return StepRows(as_long(input_ids).reshape(-1, length),
+                    torch.tensor(target_mask, dtype=torch.bool).reshape(-1, length),
                     as_long(seq_index), as_long(step_start), as_long(t_row), as_long(t_pos), as_long(t_tok))
 
 

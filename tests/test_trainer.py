@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import atpo_fast.trainer as trainer_module
@@ -12,8 +11,8 @@ from atpo_fast.config import load_config
 from atpo_fast.trainer import Trainer, train
 from atpo_fast.warmstart import warm_start
 
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "model.max_length=40", "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5",
+SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
+         "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5",
          "optim.lr=1e-3", "warmstart.steps=20", "warmstart.batch_size=16", "eval.size=8", "eval.pass_k=2",
          "eval.every=2", "logging.checkpoint_every=2", "task.options={train_size: 300, test_size: 20}"]
 
@@ -24,8 +23,8 @@ DETERMINISTIC = ("reward", "accuracy", "rows", "targets", "loss", "grad_norm", "
 
 
 def small_config(tmp_path, *extra):
-    return load_config(None, SMALL + [f"logging.run_dir={tmp_path / 'runs'}", f"warmstart.cache_dir={tmp_path / 'cache'}",
-                                      *extra])
+    paths = [f"logging.run_dir={tmp_path / 'runs'}", f"warmstart.cache_dir={tmp_path / 'cache'}"]
+    return load_config(None, SMALL + paths + list(extra))
 
 
 def test_one_iteration_changes_parameters_and_logs_every_metric(tmp_path):
