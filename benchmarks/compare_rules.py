@@ -9,6 +9,9 @@ a PNG shows held-out accuracy over iterations.
 
     python -m benchmarks.compare_rules               # full: 3 seeds, 40 iterations each (about 1.5 h on 2 cores)
     python -m benchmarks.compare_rules --quick       # CI smoke: small model, 1 seed, 2 iterations
+
+Re-running after an interruption reuses the finished runs and resumes the unfinished one from its
+checkpoint (a run is reused only when its saved config is the one it would run with now).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import shutil
 import statistics
 from pathlib import Path
 
+import yaml
+
 from atpo_fast.config import load_config
-from atpo_fast.trainer import METRICS, Trainer, train
+from atpo_fast.trainer import CHECKPOINT, METRICS, Trainer, train
 from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
 
@@ -43,10 +48,17 @@ def variants(steps: int) -> list[tuple[str, list[str]]]:
 def run_variant(name: str, overrides: list[str], seed: int, base: list[str], work: Path) -> dict:
     slug = name.split(" ")[0].replace("/", "-") + ("-all" if name == "all steps" else "")
     run_name = f"{slug}-seed{seed}"
-    shutil.rmtree(work / run_name, ignore_errors=True)
     config = load_config(None, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
                                                    f"logging.name={run_name}"])
-    summary = train(config, progress=False)
+    run_dir, saved = work / run_name, work / run_name / "config.yaml"
+    same = saved.exists() and yaml.safe_load(saved.read_text()) == config.to_dict()
+    if same and (run_dir / "summary.json").exists():  # finished by an earlier, interrupted comparison
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        resume = same and (run_dir / CHECKPOINT).exists()
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        summary = train(config, resume=resume, progress=False)
     history = [json.loads(line) for line in (Path(summary["run_dir"]) / METRICS).read_text().splitlines()]
     iterations = [m for m in history if "phase" not in m]
     curve = [(m["iteration"] + (0 if "phase" in m else 1), m["eval"]["accuracy"]) for m in history if "eval" in m]
