@@ -109,11 +109,12 @@ def analyze_run(run_dir: str | Path, samples: int = 4, temperature: float = 1.0,
     analysis.json and analysis.png into the run folder."""
     from atpo_fast.config import load_config
     from atpo_fast.selection import select_steps
+    from atpo_fast.distributed import checkpoint_path
     from atpo_fast.trainer import CHECKPOINT, Trainer, derive_seed
 
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise ValueError(f"{run_dir} holds no {CHECKPOINT}")
+    if checkpoint_path(run_dir / CHECKPOINT) is None:
+        raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
     config = load_config(run_dir / "config.yaml")
     trainer = Trainer(config, run_dir)
     trainer.load_checkpoint(run_dir / CHECKPOINT)

@@ -4,6 +4,7 @@
     atpo-train selection.rule=uniform seed=1    any config key as section.key=value
     atpo-train --config configs/llada.yaml --model /path/to/LLaDA-8B-Instruct --task jsonl --data x.jsonl
     atpo-train --name my-run --resume           continue a run from its last checkpoint
+    torchrun --nproc_per_node 8 --no-python atpo-train ...   data parallel over 8 GPUs (distributed.strategy)
     atpo-eval runs/sudoku4-hybrid-seed0         held-out accuracy of a run's checkpoint
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +50,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"atpo-train: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     before, after = summary["before"], summary["after"]
     print(f"held-out accuracy (greedy): before {before['accuracy']:.3f} -> after {after['accuracy']:.3f}")
     for key in sorted(k for k in after if k.startswith("pass@")):
@@ -55,22 +61,31 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"held-out mean reward: before {before['reward']:.3f} -> after {after['reward']:.3f}")
     if summary["stopped"]:
         print(f"run {summary['stopped']}; the last good checkpoint is kept")
-    print(f"run folder: {summary['run_dir']} (metrics.jsonl, config.yaml, checkpoint.pt, summary.json, *.png)")
+    print(f"run folder: {summary['run_dir']} (metrics.jsonl, config.yaml, checkpoint/, summary.json, *.png)")
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     parser = _parser("atpo-eval")
-    parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint.pt)")
+    parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
     parser.add_argument("--size", type=int, help="number of held-out problems (default: eval.size)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_dir = Path(args.run_dir)
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise ValueError(f"{run_dir} holds no checkpoint.pt")
-        config = load_config(run_dir / "config.yaml", args.overrides)
+        from atpo_fast.distributed import checkpoint_path
         from atpo_fast.trainer import CHECKPOINT, Trainer
+
+        if checkpoint_path(run_dir / CHECKPOINT) is None:
+            raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
+        config = load_config(run_dir / "config.yaml", args.overrides)
 
         trainer = Trainer(config, run_dir)
         trainer.load_checkpoint(run_dir / CHECKPOINT)

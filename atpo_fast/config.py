@@ -41,6 +41,7 @@ class SamplerConfig:
     remasking: str = "low_confidence"
     threshold: Optional[float] = None
     eos_fill: bool = False
+    prompts_per_call: Optional[int] = None  # prompts per generate call (None: a rank's whole share at once)
 
 
 @dataclasses.dataclass
@@ -97,6 +98,12 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:  # used when torchrun starts more than one process
+    strategy: str = "ddp"  # ddp (a model replica per GPU) | fsdp (FSDP2: parameters sharded over the ranks)
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -109,6 +116,7 @@ class TrainConfig:
     warmstart: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

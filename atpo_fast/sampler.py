@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from atpo_fast._checks import check_temperature
 from atpo_fast.models.base import DiffusionLM
@@ -38,6 +40,19 @@ class Trace:
     def num_steps(self) -> int:
         return self.count.shape[1]
 
+    def padded(self, steps: int, block: torch.Tensor) -> Trace:
+        """The trace widened to `steps` columns with steps nobody reached (NaN signals, zero counts)."""
+        extra = steps - self.num_steps
+        if extra == 0:
+            return self
+        fields = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "block":
+                fill = 0 if field.name in ("count", "filled") else float("nan")
+                fields[field.name] = torch.cat([value, value.new_full((value.shape[0], extra), fill)], dim=1)
+        return Trace(**fields, block=block[:steps])
+
 
 @dataclasses.dataclass
 class Rollout:
@@ -50,6 +65,24 @@ class Rollout:
     @property
     def response(self) -> torch.Tensor:
         return self.tokens[:, self.prompt_length:]
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of separate generate calls as one batch: prompts left-padded to the widest, traces
+    widened to the longest (see Trace.padded)."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    width = max(r.prompt_length for r in rollouts)
+    tokens = torch.cat([F.pad(r.tokens, (width - r.prompt_length, 0), value=pad_id) for r in rollouts])
+    attention = torch.cat([F.pad(r.attention_mask, (width - r.prompt_length, 0), value=0) for r in rollouts])
+    step_map = torch.cat([r.step_map for r in rollouts])
+    trace = None
+    if all(r.trace is not None for r in rollouts):
+        longest = max((r.trace for r in rollouts), key=lambda t: t.num_steps)
+        traces = [r.trace.padded(longest.num_steps, longest.block) for r in rollouts]
+        trace = Trace(**{f.name: torch.cat([getattr(t, f.name) for t in traces]) if f.name != "block"
+                         else longest.block for f in dataclasses.fields(Trace)})
+    return Rollout(tokens, step_map, trace, width, attention)
 
 
 def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -182,6 +215,7 @@ def generate(
     eos_fill: bool = False,
     record: bool = True,
     backend: str = "auto",
+    process_group=None,
 ) -> Rollout:
     """Unmask a response of gen_length tokens after prompt_ids [B, Lp] (left-padded, with attention_mask).
 
@@ -194,7 +228,9 @@ def generate(
     tokens, or a block already filled) is skipped: no forward, no trace column. temperature 0 is
     greedy. eos_fill: once a response holds an EOS, its later masked positions are committed as EOS
     at that step. seed makes sampling and random remasking repeatable. record=False skips the trace
-    (Rollout.trace is None).
+    (Rollout.trace is None). process_group (torch.distributed): a step is skipped only where it
+    would commit nothing on every rank, so all ranks run the same forwards (FSDP needs that) and
+    record the same steps.
     """
     _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold)
     temperature = check_temperature(temperature, allow_zero=True)
@@ -223,9 +259,9 @@ def generate(
             k = None
             if threshold is None:
                 k = torch.minimum(schedule[:, i], candidates.sum(1))
-                if not bool((k > 0).any()):
+                if not _on_any_rank(bool((k > 0).any()), device, process_group):
                     continue  # a step that would commit nothing anywhere is skipped, not recorded
-            elif not bool(candidates.any()):
+            elif not _on_any_rank(bool(candidates.any()), device, process_group):
                 break
             step_seed = None if seed is None else (seed * 1_000_003 + step) % 2**62
             decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
@@ -238,6 +274,14 @@ def generate(
             step += 1
     trace = recorder.trace(batch, device) if recorder is not None else None
     return Rollout(tokens, step_map, trace, prompt_len, full_mask)
+
+
+def _on_any_rank(flag: bool, device, process_group) -> bool:
+    if process_group is None:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, dist.ReduceOp.MAX, group=process_group)
+    return bool(value.item())
 
 
 def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step: int) -> torch.Tensor:

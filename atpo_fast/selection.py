@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from atpo_fast.sampler import Trace
 
@@ -41,10 +42,18 @@ def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.
     return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "reached": reached}
 
 
-def batch_average(values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
-    """Mean over the responses that reach each step: [B, T] -> [T] (NaN where none does)."""
+def _sum_over_ranks(value: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(value, group=group)
+    return value
+
+
+def batch_average(values: torch.Tensor, reached: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over the responses that reach each step: [B, T] -> [T] (NaN where none does). With a
+    torch.distributed process group, over every rank's responses (each rank passes the same T)."""
     total = torch.where(reached, values.nan_to_num(), 0.0).sum(0)
-    return total / reached.sum(0)
+    sums = _sum_over_ranks(torch.stack([total, reached.sum(0).to(total.dtype)]), group)
+    return sums[0] / sums[1]
 
 
 def _min_max(values: torch.Tensor) -> torch.Tensor:
@@ -56,14 +65,15 @@ def _min_max(values: torch.Tensor) -> torch.Tensor:
 
 
 def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
-                token_set: str = "committed") -> torch.Tensor:
-    """Selection score per step [B, T] (higher is chosen first); NaN where a step cannot be chosen."""
+                token_set: str = "committed", group=None) -> torch.Tensor:
+    """Selection score per step [B, T] (higher is chosen first); NaN where a step cannot be chosen.
+    group: see batch_average."""
     signals = step_signals(trace, token_set)
     reached = signals["reached"]
     if per == "batch":
-        signals = {name: batch_average(v, reached)[None].expand_as(v)
+        signals = {name: batch_average(v, reached, group)[None].expand_as(v)
                    for name, v in signals.items() if name != "reached"}
-        valid = reached.any(0)[None].expand_as(reached)
+        valid = (_sum_over_ranks(reached.sum(0), group) > 0)[None].expand_as(reached)
     elif per == "trajectory":
         valid = reached
     else:
@@ -77,9 +87,14 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
 
 
 def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "select", alpha: float = 0.5,
-                 per: str = "batch", seed: int | None = None,
-                 token_set: str = "committed") -> tuple[torch.Tensor, torch.Tensor]:
-    """Intervals to train on: starts, ends [B, budget] int64, -1 in both for an unused slot."""
+                 per: str = "batch", seed: int | None = None, token_set: str = "committed", *,
+                 group=None, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intervals to train on: starts, ends [B, budget] int64, -1 in both for an unused slot.
+
+    Data-parallel use: group (a torch.distributed process group) averages the per="batch" signals
+    over every rank's responses; row_offset (this rank's first response in the global batch) keys
+    the random rule's draws, so the selection does not depend on how the batch is split.
+    """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     if rule not in RULES:
@@ -102,9 +117,10 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
     if rule == "random":
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         reached = step_signals(trace, token_set)["reached"].cpu()
-        score = torch.where(reached, torch.rand(batch, steps, generator=generator), float("nan"))
+        draws = torch.rand(row_offset + batch, steps, generator=generator)[row_offset:]
+        score = torch.where(reached, draws, float("nan"))
     else:
-        score = step_scores(trace, rule, alpha, per, token_set).cpu()
+        score = step_scores(trace, rule, alpha, per, token_set, group).cpu()
     for row in range(batch):
         order = torch.where(score[row].isnan(), float("-inf"), score[row]).argsort(descending=True, stable=True)
         chosen = order[:min(budget, int((~score[row].isnan()).sum()))].sort().values

@@ -3,7 +3,7 @@
 LLaDA's SFT objective: each response is completed to gen_length with EOS, every response token is
 masked with probability t ~ U(0.02, 1) drawn per sequence, and the loss is the cross-entropy of the
 masked tokens weighted by 1/t, summed and divided by the number of response tokens. Log-probs come
-from fused_linear_logprobs at the masked positions only.
+from the model's forward (fused_linear_logprobs at the masked positions only).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from atpo_fast.models import TinyDiffusionLM
-from atpo_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 
 MIN_MASK_RATE = 0.02
 
@@ -81,8 +80,7 @@ def warm_start(trainer, progress: bool = True) -> dict:
         examples = rng.sample(trainer.task.train, w.batch_size)
         tokens, attention, rows, cols, targets, weight = supervised_batch(model, examples, c.sampler.gen_length,
                                                                           trainer.device, generator)
-        hidden = model.hidden_states(tokens, attention)[rows, cols]
-        logprob = fused_linear_logprobs(hidden, model.lm_head.weight, targets)
+        logprob = model(tokens, attention, rows, cols, targets)
         loss = -(logprob * weight).sum() / (w.batch_size * c.sampler.gen_length)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -60,7 +60,7 @@ class PlainTrainer(Trainer):
     step_rows_backend = "torch"
 
     @torch.no_grad()
-    def rollout(self, examples, repeats, temperature, seed):
+    def rollout(self, examples, repeats, temperature, seed, first_prompt=0):
         s, model = self.config.sampler, self.model
         ids, mask = encode_batch(model, [ex.prompt for ex in examples for _ in range(repeats)], self.device)
         batch, prompt_len = ids.shape

@@ -6,7 +6,7 @@ import torch
 from atpo_fast import generate, step_stats, token_stats
 from atpo_fast.models import TinyConfig, TinyDiffusionLM
 from atpo_fast.reference import llada_generate
-from atpo_fast.sampler import transfer_schedule
+from atpo_fast.sampler import concat_rollouts, transfer_schedule
 
 PROMPTS = ["12+34=", "7*8=", "(3+4)*5=", "1"]
 
@@ -213,3 +213,25 @@ def test_bad_arguments(model, kwargs, match):
     prompt = torch.tensor([model.tokenizer.encode("12+34=")])
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, **kwargs)
+
+
+def test_concat_rollouts_repads_prompts_and_widens_traces(model):
+    """Rollouts of separate generate calls joined into one batch: the trainer's prompts_per_call."""
+    parts = []
+    for prompts, gen, steps in ((PROMPTS[:2], 8, 8), (PROMPTS[2:], 8, 4)):
+        prompt, mask = left_padded(model.tokenizer, prompts)
+        parts.append(generate(model, prompt, gen_length=gen, block_length=8, steps=steps, attention_mask=mask))
+    joined = concat_rollouts(parts, model.pad_id)
+    width = max(p.prompt_length for p in parts)
+    assert joined.prompt_length == width and joined.trace.num_steps == 8
+    row = 0
+    for part in parts:
+        for i in range(part.tokens.shape[0]):
+            pad = width - part.prompt_length
+            assert torch.equal(joined.tokens[row, pad:], part.tokens[i])
+            assert (joined.tokens[row, :pad] == model.pad_id).all() and (joined.attention_mask[row, :pad] == 0).all()
+            assert torch.equal(joined.step_map[row], part.step_map[i])
+            steps = part.trace.num_steps
+            assert torch.equal(joined.trace.count[row, :steps], part.trace.count[i])
+            assert (joined.trace.count[row, steps:] == 0).all() and joined.trace.entropy[row, steps:].isnan().all()
+            row += 1

@@ -113,3 +113,13 @@ def test_partition_covers_every_committed_token_once():
 def test_bad_arguments(trace, kwargs, match):
     with pytest.raises(ValueError, match=match):
         select_steps(trace, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["random", "hybrid", "entropy"])
+def test_split_batch_selects_like_the_whole(trace, rule):
+    """A data-parallel rank holding rows 1: of the batch (row_offset=1) picks what the whole batch picks
+    for those rows: per-response random draws are keyed by global row, batch averages use every row."""
+    whole = select_steps(trace, 2, rule, per="trajectory" if rule != "random" else "batch", seed=5)
+    tail = make_trace(*(getattr(trace, f)[1:].tolist() for f in ("entropy", "margin", "roec", "count")))
+    part = select_steps(tail, 2, rule, per="trajectory" if rule != "random" else "batch", seed=5, row_offset=1)
+    assert torch.equal(part[0], whole[0][1:]) and torch.equal(part[1], whole[1][1:])

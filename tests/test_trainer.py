@@ -63,10 +63,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert x.get("eval") == y.get("eval")
     assert whole["after"] == resumed["after"]
     run = Path(resumed["run_dir"])
-    for name in ("metrics.jsonl", "config.yaml", "checkpoint.pt", "summary.json", "training.png",
-                 "confusion_zones.png", "selected_steps.png"):
+    for name in ("metrics.jsonl", "config.yaml", "summary.json", "training.png", "confusion_zones.png",
+                 "selected_steps.png", "checkpoint/.metadata"):
         assert (run / name).is_file(), name
-    assert not list(run.glob(".*tmp*")), "no temporary files left behind"
+    assert not list(run.glob("*tmp*")) and not list(run.glob("*.old")), "no temporary files left behind"
     assert read(run / "metrics.jsonl")[0]["warm_start"]["cached"], "the second run reused the cached warm start"
 
 
@@ -83,8 +83,9 @@ def test_nan_loss_skips_updates_and_stops(tmp_path, monkeypatch):
     assert summary["stopped"] and summary["iterations"] < 10
     rows = [m for m in read(Path(summary["run_dir"]) / "metrics.jsonl") if "phase" not in m]
     assert all(m["skipped"].startswith("non-finite") for m in rows if m["rows"] > 0)
-    state = torch.load(Path(summary["run_dir"]) / "checkpoint.pt", weights_only=False)
-    assert state["iteration"] == 0, "the last good checkpoint (before the bad iterations) is kept"
+    trainer = Trainer(config, Path(summary["run_dir"]))
+    trainer.load_checkpoint(Path(summary["run_dir"]) / "checkpoint")
+    assert trainer.iteration == 0, "the last good checkpoint (before the bad iterations) is kept"
 
 
 def test_console_scripts(tmp_path, capsys):

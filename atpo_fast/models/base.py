@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atpo_fast.ops.fused_linear_logprobs import fused_linear_logprobs
+
 
 class DiffusionLM(nn.Module):
     """A bidirectional model that predicts the tokens at [MASK] positions.
@@ -44,6 +46,19 @@ class DiffusionLM(nn.Module):
         if self.shift:
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         return hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_index: torch.Tensor,
+                positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """float32 log p(targets[r]) [R] at the R positions (batch_index[r], positions[r]), with gradients.
+
+        The training entry point: hidden states at the targets only, then fused_linear_logprobs
+        (the [R, V] logits are never held; the LM head runs outside autocast, in its own dtype).
+        Being the forward, it is what DDP and FSDP hook.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)[batch_index, positions]
+        head = self.lm_head
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_logprobs(hidden, head.weight, targets, bias=head.bias)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L, V]. Prefer logits_at: it applies the LM head to the needed positions only."""

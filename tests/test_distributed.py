@@ -1,0 +1,120 @@
+"""atpo-train under torchrun on CPU (gloo, 2 processes) against the same run in one process.
+
+Global batch 4 prompts x 4 responses, two prompts per generate call: the 2-rank runs (DDP and
+FSDP2) must select the same steps and reach the same losses and parameters as the 1-rank run, and
+a 2-rank checkpoint must resume on 1 rank exactly as the 1-rank run continues.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atpo_fast.config import load_config
+from atpo_fast.trainer import CHECKPOINT, Trainer
+
+SETTINGS = ["model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_length: 40}",
+            "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5", "optim.lr=1e-3",
+            "sampler.prompts_per_call=2", "warmstart.steps=20", "warmstart.batch_size=16", "eval.size=4",
+            "eval.pass_k=2", "eval.every=1", "logging.checkpoint_every=1", "device=cpu",
+            "task.options={train_size: 300, test_size: 20}"]
+EXACT = ("rows", "targets", "selected_step_counts", "reward", "accuracy", "informative_fraction")
+CLOSE = ("loss", "grad_norm", "kl", "clip_fraction")
+
+
+def atpo_train(folder: Path, name: str, ranks: int, *extra: str) -> None:
+    script = Path(sys.executable).with_name("atpo-train")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--no-python"]
+    args = ["--quiet", "--name", name, *SETTINGS, f"logging.run_dir={folder}", f"warmstart.cache_dir={folder / 'warm'}",
+            *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+    done = subprocess.run((launcher if ranks > 1 else []) + [str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def iterations(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in rows if "phase" not in m]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def parameters(run: Path) -> dict[str, torch.Tensor]:
+    trainer = Trainer(load_config(run / "config.yaml"), run)
+    trainer.load_checkpoint(run / CHECKPOINT)
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    x, y = iterations(a), iterations(b)
+    assert [m["iteration"] for m in x] == [m["iteration"] for m in y]
+    for m, n in zip(x, y):
+        for key in EXACT:
+            assert m[key] == pytest.approx(n[key], rel=1e-6), (m["iteration"], key)
+        for key in CLOSE:
+            assert m[key] == pytest.approx(n[key], rel=1e-4, abs=1e-6), (m["iteration"], key)
+        assert ("eval" in m) == ("eval" in n) and m.get("eval", {}) == pytest.approx(n.get("eval", {}))
+    assert summary(a)["after"] == pytest.approx(summary(b)["after"])
+    p, q = parameters(a), parameters(b)
+    assert p.keys() == q.keys()
+    # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3):
+    # allow 1% of one step per iteration, far below any real difference between the runs
+    for key in p:
+        torch.testing.assert_close(p[key], q[key], rtol=0, atol=1e-5 * len(x), msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("distributed")
+    atpo_train(folder, "one", 1, "optim.iterations=2")
+    return folder
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one(one_rank, strategy):
+    atpo_train(one_rank, strategy, 2, "optim.iterations=2", f"distributed.strategy={strategy}")
+    assert_same_run(one_rank / "one", one_rank / strategy)
+    selected = [sum(m["selected_step_counts"]) for m in iterations(one_rank / strategy)]
+    assert all(s > 0 for s in selected), "the comparison covers iterations that trained"
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(one_rank):
+    if not (one_rank / "fsdp" / CHECKPOINT).is_dir():
+        atpo_train(one_rank, "fsdp", 2, "optim.iterations=2", "distributed.strategy=fsdp")
+    atpo_train(one_rank, "fsdp", 1, "optim.iterations=3", "distributed.strategy=fsdp", "--resume")
+    atpo_train(one_rank, "one", 1, "optim.iterations=3", "--resume")
+    assert [m["iteration"] for m in iterations(one_rank / "fsdp")] == [0, 1, 2]
+    assert_same_run(one_rank / "one", one_rank / "fsdp")
+
+
+def test_checkpoint_swap_survives_an_interruption(tmp_path):
+    """save_checkpoint swaps folders; a crash between its two renames leaves only checkpoint.old,
+    which load_checkpoint must find. A missing checkpoint is a clear error."""
+    from atpo_fast import distributed
+
+    one = distributed.Dist()
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    path = tmp_path / "checkpoint"
+    distributed.save_checkpoint(path, model, optimizer, {"iteration": 1}, one)  # before any step: no optimizer state
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    distributed.save_checkpoint(path, model, optimizer, {"iteration": 2}, one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    path.rename(tmp_path / "checkpoint.old")  # the state between "old <- current" and "current <- tmp"
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    extra = distributed.load_checkpoint(path, fresh, fresh_optimizer, {"iteration": 0}, one)
+    assert extra == {"iteration": 2}
+    assert torch.equal(fresh.weight, model.weight)
+    assert int(fresh_optimizer.state_dict()["state"][0]["step"]) == 1, "one real step, not a DCP warm-up step more"
+    with pytest.raises(ValueError, match="no checkpoint"):
+        distributed.load_checkpoint(tmp_path / "missing", fresh, fresh_optimizer, {"iteration": 0}, one)
