@@ -20,8 +20,10 @@ number of ranks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import math
 import random
@@ -346,18 +348,36 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Model, optimizer and progress as a torch.distributed.checkpoint folder (see distributed.py).
-        Randomness is derived from (seed, iteration), so no generator state needs saving."""
+        """Model, optimizer, scheduler, step counters and random generator states (rank 0's) as a
+        torch.distributed.checkpoint folder (see distributed.py). The trainer's own randomness is
+        derived from (seed, iteration); the generator states are restored for code that draws from them."""
         extra = {"iteration": self.iteration, "bad_iters": self.bad_iters,
-                 "scheduler": json.dumps(self.scheduler.state_dict())}
+                 "scheduler": json.dumps(self.scheduler.state_dict()), "rng": _encode_rng_states()}
         distributed.save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, extra, self.dist)
 
     def load_checkpoint(self, path: Path) -> None:
         """Load a checkpoint written with any number of ranks."""
         extra = distributed.load_checkpoint(path, self.model, self.optimizer,
-                                            {"iteration": 0, "bad_iters": 0, "scheduler": ""}, self.dist)
+                                            {"iteration": 0, "bad_iters": 0, "scheduler": "", "rng": ""}, self.dist)
         self.iteration, self.bad_iters = int(extra["iteration"]), int(extra["bad_iters"])
         self.scheduler.load_state_dict(json.loads(extra["scheduler"]))
+        _restore_rng_states(extra["rng"])
+
+
+def _encode_rng_states() -> str:
+    """torch's CPU and CUDA generators and Python's random, as one string (a checkpoint's extra value)."""
+    buffer = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _restore_rng_states(encoded: str) -> None:
+    states = torch.load(io.BytesIO(base64.b64decode(encoded)), weights_only=True)
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def run_name(config: TrainConfig) -> str:

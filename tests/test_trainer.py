@@ -1,6 +1,7 @@
 """The trainer on CPU with a very small tiny model: one iteration, resume, NaN handling, the console scripts."""
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -118,3 +119,16 @@ def test_llada_config_runs_a_stand_in(tmp_path):
     config = load_config(tmp_path / "llada" / "config.yaml")
     assert (config.model.kind, config.model.path, config.task.data) == ("llada", str(model_dir), str(data))
     assert read(tmp_path / "llada" / "metrics.jsonl")[1]["iteration"] == 0
+
+
+def test_checkpoint_restores_the_random_generators(tmp_path):
+    config = small_config(tmp_path, "warmstart.steps=0")
+    trainer = Trainer(config, tmp_path)
+    torch.manual_seed(7)
+    random.seed(7)
+    trainer.save_checkpoint()
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(8)
+    random.seed(8)
+    trainer.load_checkpoint(tmp_path / "checkpoint")
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
