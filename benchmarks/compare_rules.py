@@ -22,8 +22,6 @@ import shutil
 import statistics
 from pathlib import Path
 
-import yaml
-
 from atpo_fast.config import load_config
 from atpo_fast.distributed import checkpoint_path
 from atpo_fast.trainer import CHECKPOINT, METRICS, Trainer, train
@@ -52,7 +50,7 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], wor
     config = load_config(None, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
                                                    f"logging.name={run_name}"])
     run_dir, saved = work / run_name, work / run_name / "config.yaml"
-    same = saved.exists() and yaml.safe_load(saved.read_text()) == config.to_dict()
+    same = saved.exists() and load_config(saved).to_dict() == config.to_dict()  # keys added since take defaults
     if same and (run_dir / "summary.json").exists():  # finished by an earlier, interrupted comparison
         summary = json.loads((run_dir / "summary.json").read_text())
     else:
@@ -93,6 +91,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=[plt.cm.tab20(i) for i in range(0, 20, 2)] + [plt.cm.tab20(i) for i in range(1, 20, 2)])
     for name in dict.fromkeys(r["variant"] for r in runs):
         curves = [dict(r["curve"]) for r in runs if r["variant"] == name]
         its = sorted(set.intersection(*(set(c) for c in curves)))
