@@ -21,6 +21,15 @@ import torch.distributed as dist
 from torch import nn
 
 STRATEGIES = ("ddp", "fsdp")
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce tensor in place over the ranks of group (op: sum | max | min) and return it; a no-op
+    when group is None (one process)."""
+    if group is not None:
+        dist.all_reduce(tensor, _OPS[op], group=group)
+    return tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +55,7 @@ class Dist:
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce in place over every rank (op: sum | max | min) and return the tensor."""
-        if self.world > 1:
-            dist.all_reduce(tensor, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                     "min": dist.ReduceOp.MIN}[op])
-        return tensor
+        return all_reduce(tensor, op, self.group)
 
     def reduce_values(self, values: dict[str, float], op: str, device) -> dict[str, float]:
         """The same reduction of several Python numbers at once."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from atpo_fast._checks import check_temperature
+from atpo_fast.distributed import all_reduce
 from atpo_fast.models.base import DiffusionLM
 from atpo_fast.ops.step_stats import step_stats
 from atpo_fast.ops.token_stats import token_stats
@@ -279,9 +279,7 @@ def generate(
 def _on_any_rank(flag: bool, device, process_group) -> bool:
     if process_group is None:
         return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, dist.ReduceOp.MAX, group=process_group)
-    return bool(value.item())
+    return bool(all_reduce(torch.tensor([int(flag)], device=device), "max", process_group).item())
 
 
 def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step: int) -> torch.Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from atpo_fast.distributed import all_reduce
 from atpo_fast.sampler import Trace
 
 RULES = ("uniform", "random", "entropy", "margin", "roec", "hybrid")
@@ -42,17 +42,11 @@ def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.
     return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "reached": reached}
 
 
-def _sum_over_ranks(value: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(value, group=group)
-    return value
-
-
 def batch_average(values: torch.Tensor, reached: torch.Tensor, group=None) -> torch.Tensor:
     """Mean over the responses that reach each step: [B, T] -> [T] (NaN where none does). With a
     torch.distributed process group, over every rank's responses (each rank passes the same T)."""
     total = torch.where(reached, values.nan_to_num(), 0.0).sum(0)
-    sums = _sum_over_ranks(torch.stack([total, reached.sum(0).to(total.dtype)]), group)
+    sums = all_reduce(torch.stack([total, reached.sum(0).to(total.dtype)]), group=group)
     return sums[0] / sums[1]
 
 
@@ -73,7 +67,7 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
     if per == "batch":
         signals = {name: batch_average(v, reached, group)[None].expand_as(v)
                    for name, v in signals.items() if name != "reached"}
-        valid = (_sum_over_ranks(reached.sum(0), group) > 0)[None].expand_as(reached)
+        valid = (all_reduce(reached.sum(0), group=group) > 0)[None].expand_as(reached)
     elif per == "trajectory":
         valid = reached
     else:

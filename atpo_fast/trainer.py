@@ -266,10 +266,9 @@ class Trainer:
             self.optimizer.step()
             totals = sums
         self.scheduler.step()
-        update_time = d.reduce_values({"t": self.clock() - start}, "max", self.device)["t"]
-        peak = d.reduce_values({"m": peak_memory_mb(self.device)}, "max", self.device)["m"]
-        metrics.update(totals, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], update_time=update_time,
-                       peak_memory_mb=peak)
+        metrics.update(totals, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                       **d.reduce_values({"update_time": self.clock() - start,
+                                          "peak_memory_mb": peak_memory_mb(self.device)}, "max", self.device))
         return metrics
 
     def idle_logprobs(self, rollout: Rollout) -> torch.Tensor:
