@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TRITON_36 := .cache/triton-3.6
 
 .PHONY: install test demo bench clean
 
@@ -17,9 +18,13 @@ $(STAMP): setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# Triton 3.6.0, the GPU machine's version, beside the venv (cached): tests/test_compile.py compiles every kernel with it
+$(TRITON_36)/triton: | $(STAMP)
+	$(PY) -m pip install -q --target $(TRITON_36) "triton==3.6.0" "numpy<2.3"
 
-test: $(STAMP)
+install: $(STAMP) $(TRITON_36)/triton
+
+test: $(STAMP) $(TRITON_36)/triton
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -6,6 +6,8 @@ Install with `pip install --no-build-isolation .` so the build uses the torch al
 """
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -15,6 +17,26 @@ import torch
 CSRC = Path("csrc")
 
 
+def cuda_build_problem() -> str | None:
+    """Why the CUDA sources cannot be built here, or None when they can."""
+    if os.environ.get("ATPO_FAST_NO_CUDA") == "1":
+        return "ATPO_FAST_NO_CUDA=1 is set"
+    if torch.version.cuda is None:
+        return "this torch is a CPU build"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    try:
+        version = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True,
+                                 text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return f"nvcc in {CUDA_HOME} does not run ({error})"
+    found = re.search(r"release (\d+)\.", version)
+    toolkit_major, torch_major = (found.group(1) if found else "?"), torch.version.cuda.split(".")[0]
+    if toolkit_major != torch_major:
+        return f"the CUDA toolkit in {CUDA_HOME} is {toolkit_major}.x, torch was built with CUDA {torch.version.cuda}"
+    return None
+
+
 def native_extension():
     cpp = sorted(str(p) for p in CSRC.glob("*.cpp"))
     cuda = sorted(str(p) for p in CSRC.glob("*.cu"))
@@ -22,11 +44,13 @@ def native_extension():
     # header-inline OpenMP: without -fopenmp it silently runs on one thread.
     extra = {"cxx": ["-O3", "-fopenmp"]}
     link = ["-fopenmp"]
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("ATPO_FAST_NO_CUDA") != "1"
-    if with_cuda:
+    problem = cuda_build_problem()
+    if problem is None:
         extra["nvcc"] = ["-O3"]
         return CUDAExtension("atpo_fast._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
                              extra_compile_args=extra, extra_link_args=link)
+    if torch.version.cuda is not None:  # a CUDA torch user expects the CUDA kernels: say why they are left out
+        print(f"atpo_fast: building the extension without its CUDA sources: {problem}")
     return CppExtension("atpo_fast._C", cpp, extra_compile_args=extra, extra_link_args=link)
 
 

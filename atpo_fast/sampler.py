@@ -2,7 +2,7 @@
 
 At every denoising step: one model forward, the LM head applied to the masked positions of the
 current block only ([MASK] itself excluded from the vocabulary), one token_stats pass over those
-rows (entropy, margin, argmax or a Gumbel sample and its probability), then the commit. The
+rows (entropy, margin, argmax or a sampled token and its probability), then the commit. The
 per-step confusion signals come out of that same pass; nothing of size V outlives a step.
 """
 

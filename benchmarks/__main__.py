@@ -5,6 +5,7 @@
     python -m benchmarks trainer [--quick] [--layers N]   one ATPO iteration against the plain PyTorch path
     python -m benchmarks compare [--quick]   selection rules at equal budget (compare_rules)
     python -m benchmarks analyze RUN_DIR     confusion-zone analysis of a run's checkpoint
+    python -m benchmarks sass [--quick]      compile report: every Triton specialisation for sm_90 / sm_80, no GPU
     python -m benchmarks all [--quick]       kernels, then trainer
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 
 import torch
 
@@ -55,11 +57,15 @@ def cuda_kernels() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernels", "trainer", "compare", "analyze", "all"])
+    parser.add_argument("what", choices=["kernels", "trainer", "compare", "analyze", "sass", "all"])
     parser.add_argument("run_dir", nargs="?", help="the run folder (analyze)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.what == "sass":  # its own options; it re-runs itself under the Triton interpreter
+        raise SystemExit(importlib.import_module("benchmarks.sass").main(sys.argv[2:]))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.what in ("kernels", "all"):
         kernels(args.quick)
     if args.what in ("trainer", "all"):

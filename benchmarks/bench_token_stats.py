@@ -1,7 +1,9 @@
 """token_stats against eager PyTorch (and torch.compile on CUDA).
 
-CUDA: median time by triton.testing.do_bench, GB/s from the 2*N*V bytes of bf16 logits, percent
-of a measured device-to-device copy, for V = 126464 and N = 64, 256, 4096, 16384.
+CUDA: median time by triton.testing.do_bench (as a Python caller sees it, launch overhead included)
+and by do_bench_cudagraph (device time: the call replayed from a CUDA graph), each as a percent of
+a measured device-to-device copy of the 2*N*V bytes of bf16 logits, for V = 126464 and N = 64,
+256, 4096, 16384; atpo_fast greedy (T=0) and sampling (T=1, a fixed seed).
 CPU: time (pytest-benchmark) and peak extra resident memory (a fresh process per variant) of the
 chunked torch path against eager at fp32, N = 2048, V = 126464.
 
@@ -51,32 +53,63 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
 
 
+def eager_sample(logits: torch.Tensor, temperature: float):
+    """The plain PyTorch way to sample with the statistics: a tempered fp32 softmax and torch.multinomial."""
+    stats = eager_token_stats(logits)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return stats, torch.multinomial(probs, 1)
+
+
 def bench_cuda_rows(rows: int, vocab: int, compiled, copy_gbps: float) -> list[dict]:
-    """do_bench medians of every variant on bf16 logits [rows, vocab], with GB/s and the share of a copy."""
-    from triton.testing import do_bench
+    """do_bench medians of every variant on bf16 logits [rows, vocab], with GB/s and the share of a copy.
+
+    atpo_fast runs greedy (T=0) and sampling (T=1); eager and torch.compile compute the statistics
+    only, and "eager T=1" adds a tempered softmax and torch.multinomial. `compiled` may be None.
+    """
+    from triton.testing import do_bench, do_bench_cudagraph
 
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 3
     bytes_read = 2 * rows * vocab
-    variants = {"atpo_fast": lambda: token_stats(logits), "eager": lambda: eager_token_stats(logits),
-                "torch.compile": lambda: compiled(logits)}
+    variants = {"atpo_fast T=0": lambda: token_stats(logits, temperature=0.0),
+                "atpo_fast T=1": lambda: token_stats(logits, temperature=1.0, seed=1),
+                "eager": lambda: eager_token_stats(logits), "eager T=1": lambda: eager_sample(logits, 1.0)}
+    if compiled is not None:
+        variants["torch.compile"] = lambda: compiled(logits)
     table, times = [], {}
     for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        fn()  # peak memory of one call (do_bench's own 256 MiB cache-flush buffer stays out of it)
+        peak = torch.cuda.max_memory_allocated() - base
         times[name] = do_bench(fn, return_mode="median")
+        try:  # device time alone: the calls replayed from a CUDA graph, without Python's launch overhead
+            graph_ms = do_bench_cudagraph(fn, return_mode="median")
+        except Exception:  # noqa: BLE001 - a variant that cannot be captured gets no graph time
+            graph_ms = float("nan")
         table.append({"variant": name, "N": rows, "V": vocab, "dtype": "bfloat16", "time_ms": times[name],
-                      "GB/s": bytes_read / times[name] / 1e6, "copy_GB/s": copy_gbps,
+                      "graph_ms": graph_ms, "copy_GB/s": copy_gbps,
                       "pct_of_copy": 100 * bytes_read / times[name] / 1e6 / copy_gbps,
-                      "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20})
+                      "graph_pct_of_copy": 100 * bytes_read / graph_ms / 1e6 / copy_gbps,
+                      "peak_extra_MiB": peak / 2**20})
     for row in table:
         row["speedup_vs_eager"] = times["eager"] / row["time_ms"]
-        row["speedup_vs_compile"] = times["torch.compile"] / row["time_ms"]
+        print(f"token_stats N={rows} V={vocab} {row['variant']}: {row['time_ms']:.4f} ms "
+              f"({row['pct_of_copy']:.1f}% of copy), graph {row['graph_ms']:.4f} ms "
+              f"({row['graph_pct_of_copy']:.1f}%)", flush=True)
     return table
 
 
 def bench_cuda(rows_list=GPU_ROWS, vocab: int = VOCAB) -> list[dict]:
+    """Every row count; torch.compile (one dynamic-shape compile) joins unless ATPO_BENCH_NO_COMPILE=1."""
+    import os
+
     copy_gbps = copy_bandwidth_gbps()
-    compiled = torch.compile(eager_token_stats)
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s", flush=True)
+    compiled = None
+    if os.environ.get("ATPO_BENCH_NO_COMPILE") != "1":
+        compiled = torch.compile(eager_token_stats, dynamic=True)
     return [row for rows in rows_list for row in bench_cuda_rows(rows, vocab, compiled, copy_gbps)]
 
 
@@ -84,8 +117,8 @@ def main() -> None:
     args = parse_args(__doc__)
     if torch.cuda.is_available() and not args.quick:
         table = bench_cuda()
-        columns = ["variant", "N", "V", "dtype", "time_ms", "GB/s", "pct_of_copy", "copy_GB/s", "peak_extra_MiB",
-                   "speedup_vs_eager", "speedup_vs_compile"]
+        columns = ["variant", "N", "V", "dtype", "time_ms", "pct_of_copy", "graph_ms", "graph_pct_of_copy",
+                   "copy_GB/s", "peak_extra_MiB", "speedup_vs_eager"]
     else:
         table, columns = run_cpu_suite(["bench_token_stats"], args.quick), CPU_COLUMNS
     print_table(columns, table)

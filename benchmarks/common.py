@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_DIR = Path(os.environ.get("ATPO_RESULTS_DIR", REPO / "benchmarks" / "results"))  # gpu_run.sh: $OUT
 
 
 def machine_info() -> dict:

@@ -1,20 +1,69 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine (no network): build the extension with its CUDA sources, run the test
-# suite on CUDA, then every benchmark. Logs and result tables go to $OUT (default benchmarks/results).
+# One call on a CUDA machine (no network), ordered by value and bounded in time (BUDGET seconds,
+# default 540, under the device's 10-minute limit). STAGES picks stages (default: all, in order):
+#   build     environment, the extension with its CUDA sources (falls back to the CPU build)
+#   smoke     CUDA correctness of every op against float64 (at most SMOKE_S=150 s)
+#   compare   .baseline/compare.py when present: an older checkout's kernels against these, side by side
+#   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
+#   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
+#   rows      build_step_rows, extension against the torch fallback
+#   tests     the whole CUDA test suite, with the time left
+# Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
+# returns them. Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel cut-cross-entropy
 #   bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+BUDGET=${BUDGET:-540}
+STAGES=${STAGES:-build smoke compare tokens logprobs rows tests}
+START=$(date +%s)
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 - <<'PY' | tee "$OUT/gpu_env.txt"
-import torch, triton, transformers
+export PYTHONUNBUFFERED=1 ATPO_RESULTS_DIR="$OUT" MAX_JOBS=${MAX_JOBS:-16}
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+want() { [[ " $STAGES " == *" $1 "* ]] && [ "$(left)" -gt 20 ] && echo "== $1 ($(($(date +%s) - START)) s in, $(left) s left)"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+if want build; then
+    python3 - <<'PY' | tee "$OUT/gpu_env.txt"
+import importlib, torch, triton, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
       "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
+for name in ("liger_kernel", "cut_cross_entropy", "peft"):
+    try:
+        importlib.import_module(name)
+        print(name, "available")
+    except Exception as error:
+        print(name, "unavailable:", type(error).__name__)
 PY
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
-python3 -c "import atpo_fast._C as C; print('extension with CUDA:', C.with_cuda)" | tee -a "$OUT/gpu_env.txt"
-python3 -m pytest -q tests -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-python3 -m benchmarks kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -40
-python3 -m benchmarks trainer --layers "${LAYERS:-4}" 2>&1 | tee "$OUT/gpu_trainer.log" | tail -10
-if [ "$OUT" != benchmarks/results ]; then cp benchmarks/results/*cuda* "$OUT"/ 2>/dev/null; fi
+    # --use-pep517: the legacy `setup.py develop` path would fetch setuptools, and there is no network
+    if ! python3 -m pip install -v --use-pep517 --no-build-isolation --no-deps -e . >"$OUT/gpu_build.log" 2>&1; then
+        grep -n -i -A6 "error" "$OUT/gpu_build.log" | head -40
+        echo "build with CUDA sources failed (log: gpu_build.log); building the CPU extension instead"
+        ATPO_FAST_NO_CUDA=1 python3 -m pip install -q --use-pep517 --no-build-isolation --no-deps -e . 2>&1 | tail -20
+    fi
+    python3 -c "import atpo_fast._C as C; print('extension with CUDA:', C.with_cuda)" | tee -a "$OUT/gpu_env.txt"
+fi
+if want smoke; then
+    timeout "${SMOKE_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_token_stats.py \
+        tests/test_logprobs.py tests/test_step_stats.py tests/test_step_rows.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -15
+fi
+if [ -f .baseline/compare.py ] && want compare; then
+    timeout $(( $(left) - 10 )) python3 .baseline/compare.py 2>&1 | tee "$OUT/gpu_compare.log" | tail -60
+fi
+if want tokens; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_token_stats 2>&1 | tee "$OUT/gpu_tokens.log" | tail -25
+fi
+if want logprobs; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_logprobs 2>&1 | tee "$OUT/gpu_logprobs.log" | tail -20
+fi
+if want rows; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_step_rows 2>&1 | tee "$OUT/gpu_rows.log" | tail -8
+fi
+if want tests; then
+    timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+echo "== done ($(($(date +%s) - START)) s)"

@@ -1,7 +1,9 @@
 """Backward of selected_logprobs: d log p(target) / d logits, one pass, written in the logits' dtype.
 
 grad[r, v] = g[r] * scale * (onehot(target[r])[v] - softmax(scale * z[r])[v]), with the softmax
-rebuilt from the saved log-sum-exp; rows whose target is -100 get exact zeros.
+rebuilt from the saved log-sum-exp; rows whose target is -100 get exact zeros. The programs tile
+the vocabulary like the forward (kernels/token_stats.py): whole tiles with unmasked 16-byte loads
+and stores, then the last partial tile; the target column's +g is written after the tiles.
 """
 
 from __future__ import annotations
@@ -10,31 +12,49 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import row_layout
-
-IGNORE_INDEX = -100
+from .token_stats import IGNORE_INDEX, LOG2E, _row_start
+from .utils import default_num_warps, row_layout, vocab_split
 
 
 @triton.jit
 def _logprob_backward_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, grad_out_ptr,
-    vocab, stride_outer, stride_inner, inner_size, scale,
+    vocab, cols_per_split, stride_outer, stride_inner, inner_size, scale, c,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_row = cols < vocab
+    """Columns [split * cols_per_split, +cols_per_split) of one row's gradient; c = scale * log2(e)."""
+    row64 = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, vocab)
+    full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
+    in_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
+    out_ptr = grad_ptr + row64 * vocab
     target = tl.load(targets_ptr + row64)
     ignored = target == IGNORE_INDEX
-    g = tl.load(grad_out_ptr + row64).to(tl.float32) * scale
-    lse = tl.load(lse_ptr + row64)
-    row_ptr = logits_ptr + (row64 // inner_size) * stride_outer + (row64 % inner_size) * stride_inner
-    x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x * scale - lse)
-    grad = g * (tl.where(cols == target, 1.0, 0.0) - p)
-    grad = tl.where(ignored, 0.0, grad)
-    tl.store(grad_ptr + row64 * vocab + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    g = tl.where(ignored, 0.0, tl.load(grad_out_ptr + row64).to(tl.float32) * scale)
+    neg_g = -g
+    lse2 = tl.load(lse_ptr + row64) * 1.4426950408889634  # log2 units, to match c
+    for phase in tl.static_range(2):  # the whole tiles (unmasked), then the last partial one
+        for start in tl.range(col_start if phase == 0 else full_end, full_end if phase == 0 else col_end, BLOCK_V):
+            cols = start + lanes
+            if phase == 0:
+                x = tl.load(in_ptr + cols).to(tl.float32)
+            else:
+                x = tl.load(in_ptr + cols, mask=cols < col_end, other=0.0).to(tl.float32)
+            grad = neg_g * tl.exp2(tl.fma(x, c, -lse2))
+            if ignored:  # exact zeros whatever the logits hold (NaN / inf included)
+                grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            if phase == 0:
+                tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty))
+            else:
+                tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < col_end)
+    if (target >= col_start) & (target < col_end):  # the one-hot term, after this program's stores
+        tl.debug_barrier()
+        x_t = tl.load(in_ptr + target).to(tl.float32)
+        grad_t = g * (1.0 - tl.exp2(tl.fma(x_t, c, -lse2)))
+        tl.store(out_ptr + target, grad_t.to(grad_ptr.dtype.element_ty))
 
 
 def logprob_backward(
@@ -47,10 +67,10 @@ def logprob_backward(
     if n_rows == 0:
         return grad
     logits, stride_outer, stride_inner, inner_size = row_layout(logits)
-    block_v = min(4096, triton.next_power_of_2(vocab))
-    _logprob_backward_kernel[(n_rows, triton.cdiv(vocab, block_v))](
+    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), logits.device, None, None)
+    _logprob_backward_kernel[(n_rows, n_splits)](
         logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(), grad_out.reshape(-1).contiguous(),
-        vocab, stride_outer, stride_inner, inner_size, float(scale),
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        vocab, cols_per_split, stride_outer, stride_inner, inner_size, float(scale), float(scale) * LOG2E,
+        BLOCK_V=block_v, num_warps=default_num_warps(block_v),
     )
     return grad

@@ -1,14 +1,24 @@
 """One-pass softmax statistics over the vocabulary: the kernel behind token_stats and the
 forward of selected_logprobs.
 
-Each row's vocabulary is split across `num_splits` programs. A program reads its columns once, in
-tiles of BLOCK_V, keeping an online state in float32 registers:
-    m   running max of the (scaled) logits        d  sum exp(z - m)
-    t   sum (z - m) exp(z - m)  (entropy = log d - t / d, shifted so large logits lose nothing)
-    top1 index (first on ties) and top2 value     n_bad  count of NaN / +inf entries
-    best Gumbel-perturbed score, its index and its logit (when sampling)
-A second kernel merges the partial states of a row and writes the outputs. No probability and no
-noise tensor of size V ever exists.
+Each row's vocabulary is split across `num_splits` programs (one when there are enough rows). A
+program reads its columns once, in tiles of BLOCK_V, and keeps its state per lane (one lane per
+column position in the tile) in float32 registers, so a tile costs one cross-thread reduction,
+the tile max:
+    m      running max of the logits (a scalar; the lanes' sums are rescaled when it grows)
+    d      sum 2^y,  y = x * c - m * c,  c = scale * log2(e)  (per lane; one FMA per logit)
+    t      sum y 2^y  (entropy = ln 2 * (log2 d - t / d))  (per lane, shifted: no cancellation)
+    dt     sum 2^(y / temperature), for sampling at temperature != 1 (per lane)
+    top1, its tile start, top2: the lane's largest and second-largest logit (ties: first index)
+The lanes are reduced once per program. A row holding NaN or +inf gets d = NaN, a row of only
+-inf gets d = 0: both are reported as invalid (NaN statistics, index -1).
+
+Sampling draws one uniform per row from Philox keyed by (seed, row) and inverts the CDF of
+softmax(x / temperature) in a fixed column order that does not depend on the launch layout:
+columns are grouped by their lane group (GROUP_W consecutive lanes of a BLOCK_V tile); each
+program stores its per-group sums, the merge picks the group from the sums and rescans only that
+group's columns (GROUP_W per tile of the row) to pick the column. No noise and no probability
+tensor of size V ever exists.
 """
 
 from __future__ import annotations
@@ -18,151 +28,217 @@ import triton
 import triton.language as tl
 
 from .outputs import row_stat_outputs
-from .utils import row_layout, vocab_split
+from .utils import default_num_warps, row_layout, vocab_split
 
-IGNORE_INDEX = -100
-_NUM_FLOAT_FIELDS = 6  # m, d, t, top2, best, best_logit
-_NUM_INT_FIELDS = 3  # top1_idx, best_idx, n_bad
-
-
-@triton.jit
-def _uniform_open(seed, cols, row):
-    """Counter-based uniform in (0, 1) for (row, col): Philox keyed by seed."""
-    zero = cols * 0
-    bits, _, _, _ = tl.philox(seed, cols.to(tl.uint32), (zero + row).to(tl.uint32), zero.to(tl.uint32),
-                              zero.to(tl.uint32))
-    return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+IGNORE_INDEX = tl.constexpr(-100)  # a constexpr: jitted code may read no plain global
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+GROUP_W = 16  # lanes per sampling group
+_FLOAT_FIELDS = ("m", "d", "t", "top2")
 
 
 @triton.jit
+def _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size):
+    return logits_ptr + (row64 // inner_size) * stride_outer + (row64 % inner_size) * stride_inner
+
+
+@triton.jit(do_not_specialize=["field_stride"])
 def _partial_kernel(
-    logits_ptr, part_ptr, part_idx_ptr,
+    logits_ptr, part_ptr, part_idx_ptr, group_ptr,
     vocab, cols_per_split, field_stride,
     stride_outer, stride_inner, inner_size,
-    scale, inv_temperature, seed,
-    TOP2: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr,
+    c, t_ratio,
+    TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, TEMPERED: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    """Partial state of columns [split * cols_per_split, +cols_per_split) of one row.
+
+    c = scale * log2(e); t_ratio = 1 / temperature (sampling). Writes the fields of _FLOAT_FIELDS at
+    part_ptr + k * field_stride + slot, top1's column at part_idx_ptr + slot, and with SAMPLE the
+    GROUPS lane-group sums of 2^(y / temperature) at group_ptr + slot * GROUPS (y taken to the
+    program's own max m).
+    """
+    row64 = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    row64 = row.to(tl.int64)
-    row_ptr = logits_ptr + (row64 // inner_size) * stride_outer + (row64 % inner_size) * stride_inner
+    row_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, vocab)
     lanes = tl.arange(0, BLOCK_V)
 
     m = float("-inf")
-    d = 0.0
-    t = 0.0
-    n_bad = 0
-    top1_idx = col_start
-    top2 = float("-inf")
-    best = float("-inf")
-    best_idx = col_start
-    best_logit = float("-inf")
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + lanes
-        x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
-        ok = (x == x) & (x != float("inf"))
-        n_bad += tl.sum((ok == 0).to(tl.int32), axis=0)
-        x = tl.where(ok, x, float("-inf")) * scale
+    mc = 0.0  # m * c, the offset of y; 0 while m is -inf
+    zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+    d = zeros
+    t = zeros
+    dt = zeros
+    top1 = zeros + float("-inf")
+    top2 = zeros + float("-inf")
+    top1_start = tl.zeros([BLOCK_V], dtype=tl.int32) + col_start
+    full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
+    if PREFETCH:
+        x_next = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
+    for phase in tl.static_range(2):  # the whole tiles (unmasked loads), then the last partial one
+        lo = col_start if phase == 0 else full_end
+        hi = full_end if phase == 0 else col_end
+        for start in tl.range(lo, hi, BLOCK_V):
+            cols = start + lanes
+            if phase == 0:
+                if PREFETCH:  # the next tile is in flight while this one is reduced
+                    x = x_next.to(tl.float32)
+                    x_next = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
+                else:
+                    x = tl.load(row_ptr + cols).to(tl.float32)
+            else:
+                x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
+            if TOP2:
+                top1_start = tl.where(x > top1, start, top1_start)
+                top2 = tl.maximum(top2, tl.minimum(x, top1))
+                top1 = tl.maximum(top1, x)
+            tile_max = tl.max(x, axis=0)
+            if tile_max > m:  # rare after the first tiles: rescale the lanes' sums to the new max
+                mc_new = tile_max * c
+                shift = mc - mc_new
+                alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(shift))
+                if ENTROPY:
+                    t = alpha * (t + shift * d)
+                d = alpha * d
+                if TEMPERED:
+                    dt = tl.where(m == float("-inf"), 0.0, tl.exp2(shift * t_ratio)) * dt
+                m = tile_max
+                mc = mc_new
+            y = tl.fma(x, c, -mc)  # x * c - m * c in one rounding; the error of m * c is common to all terms
+            e = tl.exp2(y)
+            d += e
+            if ENTROPY:
+                t += tl.maximum(y, -1.0e4) * e  # a -inf logit adds 0 (not -inf * 0)
+            if TEMPERED:
+                dt += tl.exp2(y * t_ratio)
 
-        tile_max = tl.max(x, axis=0)
-        m_new = tl.maximum(m, tile_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref)
-        t = alpha * (t + tl.where(d > 0, m - m_ref, 0.0) * d) + tl.sum(tl.where(e > 0, x - m_ref, 0.0) * e, axis=0)
-        d = alpha * d + tl.sum(e, axis=0)
-        if TOP2:
-            tile_idx = tl.min(tl.where(x == tile_max, cols, vocab), axis=0)
-            tile_top2 = tl.max(tl.where(cols == tile_idx, float("-inf"), x), axis=0)
-            top2 = tl.maximum(top2, tl.maximum(tl.minimum(m, tile_max), tile_top2))
-            top1_idx = tl.where(tile_max > m, tile_idx, top1_idx)
-        m = m_new
-        if SAMPLE:
-            u = _uniform_open(seed, cols, row)
-            score = tl.where(x > float("-inf"), x * inv_temperature - tl.log(-tl.log(u)), float("-inf"))
-            tile_best = tl.max(score, axis=0)
-            tile_best_idx = tl.min(tl.where(score == tile_best, cols, vocab), axis=0)
-            tile_best_logit = tl.max(tl.where(cols == tile_best_idx, x, float("-inf")), axis=0)
-            better = tile_best > best
-            best_idx = tl.where(better, tile_best_idx, best_idx)
-            best_logit = tl.where(better, tile_best_logit, best_logit)
-            best = tl.maximum(best, tile_best)
-
-    slot = row64 * n_splits + split
+    slot = row64 * tl.num_programs(1) + split
     tl.store(part_ptr + slot, m)
-    tl.store(part_ptr + field_stride + slot, d)
-    tl.store(part_ptr + 2 * field_stride + slot, t)
-    tl.store(part_ptr + 3 * field_stride + slot, top2)
-    tl.store(part_ptr + 4 * field_stride + slot, best)
-    tl.store(part_ptr + 5 * field_stride + slot, best_logit)
-    tl.store(part_idx_ptr + slot, top1_idx)
-    tl.store(part_idx_ptr + field_stride + slot, best_idx)
-    tl.store(part_idx_ptr + 2 * field_stride + slot, n_bad)
+    tl.store(part_ptr + field_stride + slot, tl.sum(d, axis=0))
+    if ENTROPY:
+        tl.store(part_ptr + 2 * field_stride + slot, tl.sum(t, axis=0))
+    if TOP2:
+        top1_col = top1_start + lanes
+        first = tl.min(tl.where(top1 == m, top1_col, 2147483647), axis=0)
+        runner_up = tl.max(tl.where(top1_col == first, float("-inf"), top1), axis=0)
+        tl.store(part_ptr + 3 * field_stride + slot, tl.maximum(tl.max(top2, axis=0), runner_up))
+        tl.store(part_idx_ptr + slot, tl.where(m == float("-inf"), col_start, first))
+    if SAMPLE:
+        if TEMPERED:
+            group_sums = tl.sum(tl.reshape(dt, (GROUPS, BLOCK_V // GROUPS)), axis=1)
+        else:
+            group_sums = tl.sum(tl.reshape(d, (GROUPS, BLOCK_V // GROUPS)), axis=1)
+        tl.store(group_ptr + slot * GROUPS + tl.arange(0, GROUPS), group_sums)
 
 
 @triton.jit
+def _uniform_open(seed_hi, seed_lo, row64):
+    """A uniform in (0, 1) for this row: 23 random bits, centred, so never 0 or 1 in float32."""
+    bits = tl.randint((seed_hi.to(tl.int64) << 31) | seed_lo, row64.to(tl.uint32))
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
+            BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
+    """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
+
+    part_ptr: the programs' maxima m; mc_max: the row's max times c. fallback: the column to return
+    if rounding leaves the chosen group's rescanned terms all 0 (never seen; it keeps every read in
+    the row).
+    """
+    j = tl.arange(0, BLOCK_S)
+    valid = j < n_splits
+    slot = row64 * n_splits + j
+    m_j = tl.load(part_ptr + slot, mask=valid, other=float("-inf"))
+    w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2((m_j * c - mc_max) * t_ratio))  # each program's scale
+    g = tl.arange(0, GROUPS)
+    sums = tl.load(group_ptr + slot[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
+    group_sum = tl.sum(sums * w_j[:, None], axis=0)  # [GROUPS]
+
+    target = _uniform_open(seed_hi, seed_lo, row64) * tl.sum(group_sum, axis=0)
+    cum = tl.cumsum(group_sum, axis=0)
+    group = tl.min(tl.where(cum > target, g, GROUPS), axis=0)
+    group = tl.where(group == GROUPS, tl.max(tl.where(group_sum > 0, g, 0), axis=0), group)  # rounding
+    residual = target - tl.sum(tl.where(g == group - 1, cum, 0.0), axis=0)
+
+    # the chosen group's lanes in every tile of the row, in column order
+    cols = (tl.arange(0, N_TILES)[:, None] * BLOCK_V + group * (BLOCK_V // GROUPS)
+            + tl.arange(0, BLOCK_V // GROUPS)[None, :])
+    cols = tl.reshape(cols, (N_TILES * (BLOCK_V // GROUPS),))
+    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    e = tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
+    hit = tl.cumsum(e, axis=0) > residual
+    col = tl.min(tl.where(hit, cols, 2147483647), axis=0)
+    last_positive = tl.max(tl.where(e > 0, cols, -1), axis=0)
+    col = tl.where(col == 2147483647, last_positive, col)
+    return tl.where(col < 0, fallback, col)
+
+
+@triton.jit(do_not_specialize=["field_stride", "seed_hi", "seed_lo"])
 def _merge_kernel(
-    part_ptr, part_idx_ptr, field_stride, n_splits,
-    logits_ptr, stride_outer, stride_inner, inner_size, scale,
+    part_ptr, part_idx_ptr, group_ptr, field_stride, n_splits,
+    logits_ptr, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, seed_hi, seed_lo,
     targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
     top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
     TOP2: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
+    """Merge a row's partial states and write its outputs (statistics of softmax(x * c / log2(e))).
+
+    Everything is computed in the programs' units y = x * c - m * c, so the rounding of m * c,
+    common to a program's terms, cancels.
+    """
+    row64 = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_S)
     valid = j < n_splits
     slot = row64 * n_splits + j
     m_j = tl.load(part_ptr + slot, mask=valid, other=float("-inf"))
     d_j = tl.load(part_ptr + field_stride + slot, mask=valid, other=0.0)
-    t_j = tl.load(part_ptr + 2 * field_stride + slot, mask=valid, other=0.0)
-    n_bad = tl.sum(tl.load(part_idx_ptr + 2 * field_stride + slot, mask=valid, other=0), axis=0)
 
     m = tl.max(m_j, axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(m_j - m_ref)
-    d = tl.sum(d_j * w, axis=0)
-    t = tl.sum(w * (t_j + tl.where(d_j > 0, m_j - m_ref, 0.0) * d_j), axis=0)
-    log_d = tl.log(d)
-    invalid = (n_bad > 0) | (m == float("-inf"))
+    mc = tl.where(m == float("-inf"), 0.0, m * c)
+    shift_j = m_j * c - mc
+    w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2(shift_j))
+    d = tl.sum(d_j * w_j, axis=0)
+    invalid = ~(d >= 0.5)  # NaN: a NaN or +inf logit; 0: only -inf (the max term alone gives ~1)
+    log2_d = tl.log2(d)
     nan = float("nan")
+    row_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
 
     if STORE_ENTROPY:
-        tl.store(entropy_ptr + row64, tl.where(invalid, nan, log_d - t / d))
+        t_j = tl.load(part_ptr + 2 * field_stride + slot, mask=valid, other=0.0)
+        t = tl.sum(tl.where(w_j > 0, w_j * (t_j + shift_j * d_j), 0.0), axis=0)
+        tl.store(entropy_ptr + row64, tl.where(invalid, nan, LN2 * (log2_d - t / d)))
     if STORE_LSE:
-        tl.store(lse_ptr + row64, tl.where(invalid, nan, m_ref + log_d))
+        tl.store(lse_ptr + row64, tl.where(invalid, nan, LN2 * (mc + log2_d)))
     if HAS_TARGETS:
         target = tl.load(targets_ptr + row64)
         ignored = target == IGNORE_INDEX
-        row_ptr = logits_ptr + (row64 // inner_size) * stride_outer + (row64 % inner_size) * stride_inner
-        x_t = tl.load(row_ptr + tl.where(ignored, 0, target)).to(tl.float32) * scale
-        logprob = tl.where(invalid, nan, x_t - m_ref - log_d)
+        x_t = tl.load(row_ptr + tl.where(ignored, 0, target)).to(tl.float32)
+        logprob = tl.where(invalid, nan, LN2 * (tl.fma(x_t, c, -mc) - log2_d))
         tl.store(target_logprob_ptr + row64, tl.where(ignored, 0.0, logprob))
     if TOP2:
         j_top = tl.min(tl.where(valid & (m_j == m), j, BLOCK_S), axis=0)
-        top1_idx = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + slot, mask=valid, other=0), 0), axis=0)
+        top1_col = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + slot, mask=valid, other=0), 0), axis=0)
         top2_j = tl.load(part_ptr + 3 * field_stride + slot, mask=valid, other=float("-inf"))
         top2 = tl.maximum(tl.max(top2_j, axis=0), tl.max(tl.where(j == j_top, float("-inf"), m_j), axis=0))
-        top1_prob = 1.0 / d
+        e_top1 = tl.exp2(tl.fma(m, c, -mc))  # 1 up to the rounding of m * c, as in d
+        top1_prob = e_top1 / d
         tl.store(top1_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
-        tl.store(margin_ptr + row64, tl.where(invalid, nan, (1.0 - tl.exp(top2 - m_ref)) / d))
-        tl.store(argmax_ptr + row64, tl.where(invalid, -1, top1_idx).to(tl.int64))
+        tl.store(margin_ptr + row64, tl.where(invalid, nan, (e_top1 - tl.exp2(tl.fma(top2, c, -mc))) / d))
+        tl.store(argmax_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
         if SAMPLE:
-            best_j = tl.load(part_ptr + 4 * field_stride + slot, mask=valid, other=float("-inf"))
-            best = tl.max(best_j, axis=0)
-            j_best = tl.min(tl.where(valid & (best_j == best), j, BLOCK_S), axis=0)
-            best_idx = tl.sum(tl.where(j == j_best, tl.load(part_idx_ptr + field_stride + slot, mask=valid,
-                                                                other=0), 0), axis=0)
-            best_logit = tl.max(tl.where(j == j_best, tl.load(part_ptr + 5 * field_stride + slot, mask=valid,
-                                                                  other=float("-inf")), float("-inf")), axis=0)
-            tl.store(sampled_ptr + row64, tl.where(invalid, -1, best_idx).to(tl.int64))
-            tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, tl.exp(best_logit - m_ref) / d))
+            col = _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc, vocab, c, t_ratio, seed_hi, seed_lo,
+                          top1_col, BLOCK_S, BLOCK_V, GROUPS, N_TILES)
+            x_s = tl.load(row_ptr + tl.where(invalid, 0, col)).to(tl.float32)
+            tl.store(sampled_ptr + row64, tl.where(invalid, -1, col).to(tl.int64))
+            tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, tl.exp2(tl.fma(x_s, c, -mc)) / d))
         else:
-            tl.store(sampled_ptr + row64, tl.where(invalid, -1, top1_idx).to(tl.int64))
+            tl.store(sampled_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
             tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
 
 
@@ -171,52 +247,67 @@ def softmax_row_stats(
     *,
     scale: float = 1.0,
     temperature: float = 0.0,
-    seed: int = 0,
+    seed: int = 0,  # 62 bits are used
     targets: torch.Tensor | None = None,
     top2: bool = True,
     entropy: bool = True,
     lse: bool = False,
     block_v: int | None = None,
     num_splits: int | None = None,
+    num_warps: int | None = None,
+    prefetch: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Launch the two kernels on logits [..., V]; returns the requested outputs, each of shape [N].
 
     scale multiplies the logits before the softmax (1 / temperature for log-probs). With top2,
-    returns top1_prob, margin, argmax, sampled and sampled_prob; sampling is Gumbel-max on
-    logits / temperature when temperature > 0, argmax otherwise. Targets equal to -100 give 0.
-    Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
+    returns top1_prob, margin, argmax, sampled and sampled_prob; sampling is an inverse-CDF draw
+    from softmax(logits / temperature) when temperature > 0, the argmax otherwise. Targets equal
+    to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
+    A seeded sample depends on block_v (the column order) but not on num_splits. block_v,
+    num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
+    this one) override the launch layout, for tests and tuning.
     """
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
     device = logits.device
     logits, stride_outer, stride_inner, inner_size = row_layout(logits)
-    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, device, block_v, num_splits)
+    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device, block_v,
+                                                    num_splits)
     sample = top2 and temperature > 0
+    tempered = sample and temperature != 1.0
+    groups = max(block_v // GROUP_W, 1)
 
     out = row_stat_outputs(n_rows, device, entropy=entropy, lse=lse, targets=targets is not None, top2=top2)
     if n_rows == 0:
         return out
 
     field_stride = n_rows * n_splits
-    part = torch.empty(_NUM_FLOAT_FIELDS * field_stride, dtype=torch.float32, device=device)
-    part_idx = torch.empty(_NUM_INT_FIELDS * field_stride, dtype=torch.int32, device=device)
+    part = torch.empty(len(_FLOAT_FIELDS) * field_stride, dtype=torch.float32, device=device)
+    part_idx = torch.empty(field_stride, dtype=torch.int32, device=device)
+    group = torch.empty(field_stride * groups if sample else 1, dtype=torch.float32, device=device)
+    c = float(scale) * LOG2E
+    t_ratio = 1.0 / temperature if sample else 1.0
     _partial_kernel[(n_rows, n_splits)](
-        logits, part, part_idx,
+        logits, part, part_idx, group,
         vocab, cols_per_split, field_stride,
         stride_outer, stride_inner, inner_size,
-        float(scale), 1.0 / temperature if sample else 1.0, int(seed) & 0x7FFFFFFFFFFFFFFF,
-        TOP2=top2, SAMPLE=sample, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        c, t_ratio,
+        TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=tempered,
+        BLOCK_V=block_v, GROUPS=groups, PREFETCH=prefetch,
+        num_warps=num_warps or default_num_warps(block_v),
     )
     dummy = part  # pointer for outputs a flag switches off; never read or written
     _merge_kernel[(n_rows,)](
-        part, part_idx, field_stride, n_splits,
-        logits, stride_outer, stride_inner, inner_size, float(scale),
+        part, part_idx, group, field_stride, n_splits,
+        logits, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, (seed >> 31) & 0x7FFFFFFF,
+        seed & 0x7FFFFFFF,
         targets.reshape(-1).contiguous() if targets is not None else part_idx,
         out.get("entropy", dummy), out.get("lse", dummy), out.get("target_logprob", dummy),
         out.get("top1_prob", dummy), out.get("margin", dummy),
         out.get("argmax", dummy), out.get("sampled", dummy), out.get("sampled_prob", dummy),
         TOP2=top2, SAMPLE=sample, HAS_TARGETS=targets is not None,
         STORE_ENTROPY=entropy, STORE_LSE=lse, BLOCK_S=max(triton.next_power_of_2(n_splits), 2),
-        num_warps=1,
+        BLOCK_V=block_v, GROUPS=groups, N_TILES=triton.next_power_of_2(triton.cdiv(vocab, block_v)),
+        num_warps=4 if sample else 1,
     )
     return out

@@ -44,14 +44,26 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, 0, x.shape[-1], max(x.numel() // x.shape[-1], 1)
 
 
-def vocab_split(n_rows: int, vocab: int, device: torch.device, block_v: int | None, num_splits: int | None):
+def default_block_v(vocab: int, element_size: int) -> int:
+    """Tile width of the vocabulary loops: 4 KiB of logits per tile (2048 bf16/fp16, 1024 float32)."""
+    return min(4096 // element_size, max(16, triton.next_power_of_2(vocab)))
+
+
+def default_num_warps(block_v: int) -> int:
+    """Warps of a vocabulary pass: 8 columns of each tile per thread, so the per-lane state of
+    token_stats fits ~80 registers and three programs share a multiprocessor."""
+    return max(1, min(8, block_v // 256))
+
+
+def vocab_split(n_rows: int, vocab: int, element_size: int, device: torch.device, block_v: int | None,
+                num_splits: int | None):
     """Pick the tile width and how many programs share one row's vocabulary.
 
     Returns (block_v, cols_per_split, num_splits); every split but the last covers cols_per_split
     columns, a multiple of block_v.
     """
     if block_v is None:
-        block_v = min(4096, max(16, triton.next_power_of_2(vocab)))
+        block_v = default_block_v(vocab, element_size)
     n_tiles = triton.cdiv(vocab, block_v)
     if num_splits is None:
         num_splits = triton.cdiv(target_programs(device), max(n_rows, 1))

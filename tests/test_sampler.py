@@ -1,5 +1,7 @@
 """The sampler against an independent reimplementation of LLaDA's reference generate, and its trace."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from atpo_fast import generate, step_stats, token_stats
 from atpo_fast.models import TinyConfig, TinyDiffusionLM
 from atpo_fast.reference import llada_generate
 from atpo_fast.sampler import concat_rollouts, transfer_schedule
+from conftest import DEVICE
 
 PROMPTS = ["12+34=", "7*8=", "(3+4)*5=", "1"]
 
@@ -165,10 +168,12 @@ def test_dream_style_shift(model64):
 
 
 def test_triton_backend_matches_torch(model):
+    """Greedy rollouts on the test device (the Triton kernels run compiled on CUDA, interpreted on CPU)."""
     prompt, mask = left_padded(model.tokenizer, PROMPTS[:2])
-    kwargs = dict(gen_length=8, block_length=4, steps=4, attention_mask=mask)
-    a = generate(model, prompt, backend="torch", **kwargs)
-    b = generate(model, prompt, backend="triton", **kwargs)
+    on_device = copy.deepcopy(model).to(DEVICE)
+    kwargs = dict(gen_length=8, block_length=4, steps=4, attention_mask=mask.to(DEVICE))
+    a = generate(on_device, prompt.to(DEVICE), backend="torch", **kwargs)
+    b = generate(on_device, prompt.to(DEVICE), backend="triton", **kwargs)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step_map, b.step_map)
     torch.testing.assert_close(a.trace.entropy, b.trace.entropy, rtol=1e-5, atol=1e-6, equal_nan=True)
 

@@ -1,10 +1,15 @@
 """fused_linear_logprobs: log p(target) from hidden states times the LM head, never holding [N, V] logits.
 
-First version (every device): chunked matmuls. The vocabulary is walked in slices of at most
-VOCAB_TILE rows of the weight, the rows in chunks sized so that one logits tile (in float32) is at
-most `chunk_bytes`. The forward merges per-tile log-sum-exps and saves only lse [N]; the backward
-recomputes each tile. Vocabulary slices are the outer loop, so each weight slice is cast once and
-its gradient is accumulated in float32 over the row chunks before being written.
+The vocabulary is walked in slices of at most VOCAB_TILE rows of the weight, the rows in chunks
+sized so that one logits tile takes at most `chunk_bytes` (in float32). Each tile is one GEMM in
+hidden's dtype; one pass over it then gives the per-row log-sum-exp and target logit (forward) or
+the gradient d logp / d logits (backward, written in the tile's dtype and fed straight to the two
+gradient GEMMs). On CUDA those passes are the Triton kernels of selected_logprobs
+(`backend="triton"`, which on CPU runs them under TRITON_INTERPRET=1); the torch backend uses a
+few in-place torch ops on a float32 tile. The forward merges the slices' log-sum-exps and saves
+only lse [N]; the backward recomputes each tile. Vocabulary slices are the outer loop, so each
+weight slice is cast once and its gradient is accumulated in float32 over the row chunks (on
+CUDA by addmm with a float32 output) before being written.
 
 Peak extra memory: a few tiles (<= chunk_bytes each), a float32 [VOCAB_TILE, D] weight-gradient
 slice, and, when hidden is bf16/fp16, a float32 [N, D] buffer for hidden's gradient.
@@ -16,13 +21,13 @@ from typing import Optional
 
 import torch
 
-from atpo_fast._checks import IGNORE_INDEX, check_float, check_targets, check_temperature
+from atpo_fast._checks import IGNORE_INDEX, check_backend, check_float, check_targets, check_temperature
 from atpo_fast.ops.torch_stats import working_dtype
 
 CUDA_CHUNK_BYTES = 256 * 2**20  # default float32 logits tile on CUDA
 CPU_CHUNK_BYTES = 32 * 2**20  # smaller on CPU: caches are smaller and nothing runs in parallel to hide
 VOCAB_TILE = 32768
-IMPLEMENTATION = "chunked torch matmul (first version; no on-chip Triton main loop yet)"
+NO_ONE_HOT = -1  # a tile's local target when the row's target lies in another vocabulary slice
 
 
 def _tile_shape(vocab: int, chunk_bytes: int) -> tuple[int, int]:
@@ -30,10 +35,9 @@ def _tile_shape(vocab: int, chunk_bytes: int) -> tuple[int, int]:
     return max(1, chunk_bytes // (cols * 4)), cols
 
 
-def _logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """scale * (hidden @ weight.T + bias) in the working dtype; hidden [R, D], weight [C, D]."""
-    tile = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return tile.to(working_dtype(hidden.dtype)).mul_(scale)
+def _logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ weight.T + bias in hidden's dtype; hidden [R, D], weight [C, D] -> [R, C]."""
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
 def _vocab_slices(weight, bias, compute_dtype, cols):
@@ -43,33 +47,76 @@ def _vocab_slices(weight, bias, compute_dtype, cols):
         yield v0, v1, weight[v0:v1].to(compute_dtype), b
 
 
-def _local_targets(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask of targets inside [v0, v1), their column in the slice, 0 elsewhere)."""
+def _local_targets(targets: torch.Tensor, v0: int, v1: int, outside: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of targets inside [v0, v1), their column in the slice; `outside` elsewhere, -100 kept)."""
     inside = (targets >= v0) & (targets < v1)
-    return inside, torch.where(inside, targets - v0, 0)
+    local = torch.where(inside, targets - v0, torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, outside))
+    return inside, local
+
+
+def _tile_lse(z: torch.Tensor, local: torch.Tensor, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over a logits tile z [R, C]: (log-sum-exp of scale * z, scale * z at the local target)."""
+    if backend == "triton":
+        from atpo_fast.kernels.token_stats import softmax_row_stats
+
+        out = softmax_row_stats(z, scale=scale, targets=local, top2=False, entropy=False, lse=True)
+        return out["lse"], out["target_logprob"] + out["lse"]
+    z = z.to(working_dtype(z.dtype))
+    if scale != 1.0:
+        z = z * scale
+    return torch.logsumexp(z, dim=1), z.gather(1, local.clamp_min(0)[:, None]).squeeze(1)
+
+
+def _tile_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, scale: float,
+               backend: str) -> torch.Tensor:
+    """d(sum_r g_r logp_r) / d z for a logits tile z [R, C], in z's dtype: g * scale * (onehot - p).
+
+    local: each row's target column in the tile, NO_ONE_HOT when it is elsewhere, -100 (zeros).
+    """
+    if backend == "triton":
+        from atpo_fast.kernels.logprobs import logprob_backward
+
+        return logprob_backward(z, local, lse, g, scale)
+    gs = (g.to(lse.dtype) * scale).masked_fill(local == IGNORE_INDEX, 0.0)
+    grad = z.to(lse.dtype, copy=True).mul_(scale).sub_(lse[:, None]).exp_().mul_(-gs[:, None])
+    inside = local >= 0
+    grad.scatter_add_(1, local.clamp_min(0)[:, None], torch.where(inside, gs, 0.0)[:, None])
+    return grad.to(z.dtype)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with the product kept in acc's (wider) dtype, never rounded to a's dtype first."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        try:  # bf16/fp16 GEMM accumulating straight into the fp32 buffer (cuBLAS), where torch has it
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # exact upcast; CPU GEMMs have no out_dtype
 
 
 @torch.library.custom_op("atpo_fast::fused_linear_logprobs", mutates_args=())
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-             scale: float, chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+             scale: float, chunk_bytes: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, work = hidden.shape[0], working_dtype(hidden.dtype)
     rows, cols = _tile_shape(weight.shape[0], chunk_bytes)
     lse = torch.full((n_rows,), float("-inf"), dtype=work, device=hidden.device)
     target_logit = torch.zeros(n_rows, dtype=work, device=hidden.device)
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
-        inside, local = _local_targets(targets, v0, v1)
+        inside, local = _local_targets(targets, v0, v1, outside=IGNORE_INDEX)
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
-            z = _logits_tile(hidden[r0:r1], w, b, scale)
-            lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(z, dim=1))
-            picked = z.gather(1, local[r0:r1, None]).squeeze(1)
-            target_logit[r0:r1] += torch.where(inside[r0:r1], picked, 0.0)
+            tile_lse, picked = _tile_lse(_logits_tile(hidden[r0:r1], w, b), local[r0:r1], scale, backend)
+            lse[r0:r1] = torch.logaddexp(lse[r0:r1], tile_lse.to(work))
+            target_logit[r0:r1] += torch.where(inside[r0:r1], picked.to(work), 0.0)
     logprob = torch.where(targets == IGNORE_INDEX, 0.0, target_logit - lse)
     return logprob, lse
 
 
 @_forward.register_fake
-def _(hidden, weight, bias, targets, scale, chunk_bytes):
+def _(hidden, weight, bias, targets, scale, chunk_bytes, backend):
     dtype = working_dtype(hidden.dtype)
     return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype)
 
@@ -86,28 +133,24 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 @torch.library.custom_op("atpo_fast::fused_linear_logprobs_backward", mutates_args=())
 def _backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              targets: torch.Tensor, lse: torch.Tensor, scale: float, chunk_bytes: int, need_hidden: bool,
-              need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              targets: torch.Tensor, lse: torch.Tensor, scale: float, chunk_bytes: int, backend: str,
+              need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, work = hidden.shape[0], working_dtype(hidden.dtype)
     rows, cols = _tile_shape(weight.shape[0], chunk_bytes)
-    g = (grad_out.to(work) * scale).masked_fill(targets == IGNORE_INDEX, 0.0)
     grad_hidden = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
     wide = torch.float64 if work == torch.float64 else torch.float32
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
-        inside, local = _local_targets(targets, v0, v1)
+        _, local = _local_targets(targets, v0, v1, outside=NO_ONE_HOT)
         acc_weight = torch.zeros(v1 - v0, weight.shape[1], dtype=wide, device=weight.device) if need_weight else None
         acc_bias = torch.zeros(v1 - v0, dtype=wide, device=weight.device) if need_bias else None
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
-            g_r = g[r0:r1]
-            # d logprob / d z = scale * (onehot - softmax), times the incoming gradient
-            grad_z = _logits_tile(hidden[r0:r1], w, b, scale).sub_(lse[r0:r1, None]).exp_().mul_(-g_r[:, None])
-            grad_z.scatter_add_(1, local[r0:r1, None], torch.where(inside[r0:r1], g_r, 0.0)[:, None])
+            grad_z = _tile_grad(_logits_tile(hidden[r0:r1], w, b), local[r0:r1], lse[r0:r1], grad_out[r0:r1],
+                                scale, backend)
             if need_bias:
-                acc_bias += grad_z.sum(0)
-            grad_z = grad_z.to(hidden.dtype)
+                acc_bias += grad_z.sum(0, dtype=wide)
             if need_hidden:
                 _accumulate(grad_hidden[r0:r1], grad_z, w)
             if need_weight:
@@ -120,26 +163,26 @@ def _backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
 
 
 @_backward.register_fake
-def _(grad_out, hidden, weight, bias, targets, lse, scale, chunk_bytes, need_hidden, need_weight, need_bias):
+def _(grad_out, hidden, weight, bias, targets, lse, scale, chunk_bytes, backend, need_hidden, need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             torch.empty_like(bias) if need_bias else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, scale, chunk_bytes = inputs
+    hidden, weight, bias, targets, scale, chunk_bytes, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1])
-    ctx.scale, ctx.chunk_bytes = scale, chunk_bytes
+    ctx.scale, ctx.chunk_bytes, ctx.backend = scale, chunk_bytes, backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _grad(ctx, grad_logprob, _grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grads = _backward(grad_logprob, hidden, weight, bias, targets, lse, ctx.scale, ctx.chunk_bytes,
+    grads = _backward(grad_logprob, hidden, weight, bias, targets, lse, ctx.scale, ctx.chunk_bytes, ctx.backend,
                       need_hidden, need_weight, need_bias and bias is not None)
     grads = [g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias))]
-    return grads[0], grads[1], grads[2], None, None, None
+    return grads[0], grads[1], grads[2], None, None, None, None
 
 
 torch.library.register_autograd("atpo_fast::fused_linear_logprobs", _grad, setup_context=_setup_context)
@@ -153,6 +196,7 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """log softmax((hidden @ weight.T + bias) / temperature)[target], differentiable in hidden, weight, bias.
 
@@ -160,9 +204,14 @@ def fused_linear_logprobs(
     the matmuls run in hidden's dtype. bias [V] optional. targets int64 [N] in [0, V) or -100
     (gives 0, no gradient). Returns float32 [N]. No [N, V] logits tensor is ever held: one tile
     of logits takes at most chunk_bytes in float32 (default 256 MiB on CUDA, 32 MiB on CPU).
+    backend: the one-pass tile ops, "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
+    float64 inputs (gradcheck) need "torch" or "auto".
     """
-    check_float(hidden, "hidden", backend="torch")  # the chunked path is plain torch: float64 works
-    check_float(weight, "weight", backend="torch")
+    if backend == "auto" and torch.float64 in (getattr(hidden, "dtype", None), getattr(weight, "dtype", None)):
+        backend = "torch"  # gradcheck's float64: the Triton kernels take 16- and 32-bit floats
+    backend = check_backend(backend, hidden, "hidden")
+    check_float(hidden, "hidden", backend)
+    check_float(weight, "weight", backend)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must have shape [N, D], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -172,7 +221,7 @@ def fused_linear_logprobs(
     if weight.device != hidden.device:
         raise ValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
     if bias is not None:
-        check_float(bias, "bias", backend="torch")
+        check_float(bias, "bias", backend)
         if bias.shape != (weight.shape[0],) or bias.device != hidden.device:
             raise ValueError(f"bias must have shape [V={weight.shape[0]}] on {hidden.device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
@@ -182,5 +231,5 @@ def fused_linear_logprobs(
         chunk_bytes = CUDA_CHUNK_BYTES if hidden.is_cuda else CPU_CHUNK_BYTES
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    logprob, _ = _forward(hidden, weight, bias, targets, 1.0 / temperature, chunk_bytes)
+    logprob, _ = _forward(hidden, weight, bias, targets, 1.0 / temperature, chunk_bytes, backend)
     return logprob

@@ -8,6 +8,7 @@ path is a vectorised fallback with the same results and the same input checks.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -32,8 +33,8 @@ def native_extension():
     return _C
 
 
-def _check_inputs(tokens, step_map, starts, ends, mask_id) -> None:
-    """The extension's checks (csrc/step_rows.cpp), with the same messages, for the torch path."""
+def _check_layout(tokens, step_map, starts, ends, mask_id) -> None:
+    """Types, shapes, dtypes and devices (no device sync), checked before either path runs."""
     for name, t in (("tokens", tokens), ("step_map", step_map), ("starts", starts), ("ends", ends)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,6 +58,10 @@ def _check_inputs(tokens, step_map, starts, ends, mask_id) -> None:
             raise ValueError(f"{name} must be on tokens' device {tokens.device}, got {t.device}")
     if mask_id < 0:
         raise ValueError(f"mask_id must be >= 0, got {mask_id}")
+
+
+def _check_values(step_map, starts, ends) -> None:
+    """The value checks the extension makes itself (csrc/step_rows.cpp), same messages, for the torch path."""
     if step_map.numel() and int(step_map.min()) < -1:
         raise ValueError(f"step_map must hold steps >= 0 or -1 (prompt / never masked), found {int(step_map.min())}")
     unused = (starts == -1) | (ends == -1)
@@ -74,7 +79,8 @@ def _check_inputs(tokens, step_map, starts, ends, mask_id) -> None:
 
 def build_step_rows_torch(tokens, step_map, starts, ends, mask_id: int) -> StepRows:
     """Vectorised PyTorch fallback of the extension (same outputs, same checks)."""
-    _check_inputs(tokens, step_map, starts, ends, mask_id)
+    _check_layout(tokens, step_map, starts, ends, mask_id)
+    _check_values(step_map, starts, ends)
     seq_index, slot = (starts != -1).nonzero(as_tuple=True)
     start, end = starts[seq_index, slot], ends[seq_index, slot]
     steps = step_map[seq_index].long()
@@ -114,5 +120,20 @@ def build_step_rows(
     on_cuda = isinstance(tokens, torch.Tensor) and tokens.is_cuda
     use_native = ext is not None and backend != "torch" and (not on_cuda or ext.with_cuda or backend == "native")
     if use_native:
+        _check_layout(tokens, step_map, starts, ends, mask_id)  # user errors never reach the C++ side
         return StepRows(*ext.build_step_rows(tokens, step_map, starts, ends, mask_id))
+    if on_cuda and backend == "auto" and not _warned_cuda_fallback:
+        _warn_cuda_fallback(ext)
     return build_step_rows_torch(tokens, step_map, starts, ends, mask_id)
+
+
+_warned_cuda_fallback = False
+
+
+def _warn_cuda_fallback(ext) -> None:
+    """Say once that CUDA rows are built by the torch path because the extension has no CUDA kernels."""
+    global _warned_cuda_fallback
+    _warned_cuda_fallback = True
+    why = "is not built" if ext is None else "was built without its CUDA sources (see the build log)"
+    warnings.warn(f"build_step_rows: atpo_fast._C {why}; CUDA tensors take the torch path "
+                  "(same rows, slower). Reinstall with a CUDA toolkit matching torch's CUDA version.", stacklevel=3)

@@ -1,0 +1,39 @@
+"""Every Triton specialisation the public ops launch compiles for the GPU (sm_90), on this CPU.
+
+The interpreter accepts code the compiler rejects (a plain Python global read in a kernel, for
+one), so the compile report (benchmarks/sass.py --quick) runs here, for the installed Triton and
+for Triton 3.6.0, the GPU machine's version, which `make install` puts in .cache/triton-3.6. The two
+run side by side (one process each).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRITON_36 = REPO / ".cache" / "triton-3.6"
+
+
+def start_report(triton_dir: Path | None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_dir is not None:  # put that Triton in front of the installed one
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_dir), str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "benchmarks", "sass", "--quick"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90():
+    if not (TRITON_36 / "triton").is_dir():
+        pytest.fail(f"Triton 3.6.0 is not set up in {TRITON_36}: run `make install`")
+    reports = {"installed": start_report(None), "3.6.0": start_report(TRITON_36)}
+    for version, proc in reports.items():
+        out, err = proc.communicate(timeout=1200)
+        summary = [line for line in out.splitlines() if " specialisations x " in line]
+        assert proc.returncode == 0 and summary and summary[-1].endswith(" 0 failed"), \
+            f"Triton {version}:\n{out[-6000:]}\n{err[-3000:]}"
+        if version == "3.6.0":
+            assert summary[-1].startswith("triton 3.6.0:"), summary
