@@ -78,7 +78,10 @@ def _tile_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, g: torch
 
         return logprob_backward(z, local, lse, g, scale)
     gs = (g.to(lse.dtype) * scale).masked_fill(local == IGNORE_INDEX, 0.0)
-    grad = z.to(lse.dtype, copy=True).mul_(scale).sub_(lse[:, None]).exp_().mul_(-gs[:, None])
+    grad = z.to(lse.dtype)  # z is this function's own tile: worked on in place when already that dtype
+    if scale != 1.0:
+        grad.mul_(scale)
+    grad.sub_(lse[:, None]).exp_().mul_(-gs[:, None])
     inside = local >= 0
     grad.scatter_add_(1, local.clamp_min(0)[:, None], torch.where(inside, gs, 0.0)[:, None])
     return grad.to(z.dtype)
