@@ -20,7 +20,8 @@ def backend(request):
 
 @pytest.fixture
 def gen():
-    """A fresh, seeded-from-entropy generator: every run draws new inputs; failures print the seed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"input seed: {seed}")
+    """A fresh, seeded-from-entropy generator: every run draws new inputs; failures print the seed,
+    and ATPO_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("ATPO_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"input seed: {seed} (replay with ATPO_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)

@@ -33,6 +33,18 @@ def rounding_slack(backend: str, dtype: torch.dtype) -> float:
     return 2.0 if (backend == "triton" and interpreter_enabled() and dtype == torch.bfloat16) else 1.0
 
 
+def allowed_error(backend: str, dtype: torch.dtype, own_error: float, summed: bool = False) -> float:
+    """Relative error allowed against float64, given eager PyTorch's own in the same dtype.
+
+    summed: a sum of bf16 values (the bias gradient sums the gradient tile over rows). Truncated
+    terms all err towards zero, so their sum keeps truncation's bias: each term is within 2^-7 of
+    its value, and so is the sum when the terms do not cancel.
+    """
+    slack = rounding_slack(backend, dtype)
+    bound = slack * own_error + 1e-4
+    return max(bound, 2.0**-7) if (summed and slack > 1) else bound
+
+
 def random_targets(n, vocab, gen, ignored=0.2):
     targets = torch.randint(0, vocab, (n,), generator=gen)
     targets[torch.rand(n, generator=gen) < ignored] = -100
@@ -259,7 +271,7 @@ def test_fused_linear_low_precision(backend, gen, monkeypatch, dtype, bias):
         if r is None:
             continue
         assert g.dtype == (torch.float32 if name == "logprob" else dtype), name
-        assert rel_err(g, r) <= rounding_slack(backend, dtype) * rel_err(o, r) + 1e-4, name
+        assert rel_err(g, r) <= allowed_error(backend, dtype, rel_err(o, r), summed=name == "bias"), name
 
 
 def test_fused_linear_mixed_dtypes(gen):
