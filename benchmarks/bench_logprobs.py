@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from atpo_fast import fused_linear_logprobs, selected_logprobs
-from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
+from benchmarks.common import (CPU_COLUMNS, cuda_peak_extra_bytes, machine_info, parse_args, print_table,
+                               run_cpu_suite, write_results)
 
 CUDA_SHAPE = dict(n=8192, vocab=126464, dim=4096, dtype=torch.bfloat16)
 CPU_SHAPES = [dict(n=2048, vocab=32000, dim=512, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
@@ -122,11 +123,7 @@ def bench_cuda(shape: dict) -> list[dict]:
             except Exception as error:  # a baseline library that fails here is reported, not fatal
                 print(f"{case} {name}: failed: {type(error).__name__}: {error}", flush=True)
                 continue
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()  # peak memory of one call (do_bench's own 256 MiB cache-flush buffer stays out of it)
-            peak = torch.cuda.max_memory_allocated() - base
+            peak = cuda_peak_extra_bytes(fn)
             ms = do_bench(fn, return_mode="median")
             results[name] = (ms, peak)
             print(f"{case} {name}: {ms:.3f} ms fwd+bwd", flush=True)

@@ -22,8 +22,8 @@ from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.base import DiffusionLM
 from atpo_fast.reference import llada_step
 from atpo_fast.sampler import denoise_step
-from benchmarks.common import (CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, time_interleaved,
-                               write_results)
+from benchmarks.common import (CPU_COLUMNS, cuda_peak_extra_bytes, machine_info, parse_args, print_table,
+                               run_cpu_suite, time_interleaved, write_results)
 
 LLADA_VOCAB, LLADA_MASK = 126464, 126336
 
@@ -124,12 +124,8 @@ def main() -> None:
 
         times, peaks = {}, {}
         for name, fn in postprocess_case("cuda", 4096, torch.bfloat16, **FULL).items():
-            fn()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
+            peaks[name] = cuda_peak_extra_bytes(fn)
             times[name] = do_bench(fn, return_mode="median")
-            peaks[name] = torch.cuda.max_memory_allocated() - start
         for name in times:
             table.append({"case": "sampler step B=8 L=384 V=126464 D=4096 bfloat16 (cuda)", "variant": name,
                           "time_ms": times[name], "peak_extra_MiB": peaks[name] / 2**20, "baseline": "LLaDA reference",

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from atpo_fast import token_stats
-from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
+from benchmarks.common import (CPU_COLUMNS, cuda_peak_extra_bytes, machine_info, parse_args, print_table,
+                               run_cpu_suite, write_results)
 
 VOCAB = 126464
 GPU_ROWS = (64, 256, 4096, 16384)
@@ -77,12 +78,7 @@ def bench_cuda_rows(rows: int, vocab: int, compiled, copy_gbps: float) -> list[d
         variants["torch.compile"] = lambda: compiled(logits)
     table, times = [], {}
     for name, fn in variants.items():
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()  # peak memory of one call (do_bench's own 256 MiB cache-flush buffer stays out of it)
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = cuda_peak_extra_bytes(fn)
         times[name] = do_bench(fn, return_mode="median")
         try:  # device time alone: the calls replayed from a CUDA graph, without Python's launch overhead
             graph_ms = do_bench_cudagraph(fn, return_mode="median")

@@ -74,6 +74,20 @@ def peak_extra_bytes(fn) -> int:
     return rss_bytes("VmHWM") - baseline
 
 
+def cuda_peak_extra_bytes(fn) -> int:
+    """Peak CUDA memory of one fn() call above what was allocated before it, after a warm-up call.
+
+    Measured outside triton.testing.do_bench, whose own 256 MiB cache-flush buffer would count.
+    """
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def memory_in_worker(module: str, case: str, variant: str, quick: bool) -> int:
     """Peak extra bytes of one CPU case, measured in a fresh process (benchmarks.worker)."""
     args = [sys.executable, "-m", "benchmarks.worker", module, case, variant] + (["--quick"] if quick else [])

@@ -37,7 +37,9 @@ def _logprob_backward_kernel(
     neg_g = -g
     lse2 = tl.load(lse_ptr + row64) * 1.4426950408889634  # log2 units, to match c
     for phase in tl.static_range(2):  # the whole tiles (unmasked), then the last partial one
-        for start in tl.range(col_start if phase == 0 else full_end, full_end if phase == 0 else col_end, BLOCK_V):
+        lo = col_start if phase == 0 else full_end
+        hi = full_end if phase == 0 else col_end
+        for start in tl.range(lo, hi, BLOCK_V):
             cols = start + lanes
             if phase == 0:
                 x = tl.load(in_ptr + cols).to(tl.float32)

@@ -61,9 +61,9 @@ def _tile_lse(z: torch.Tensor, local: torch.Tensor, scale: float, backend: str) 
 
         out = softmax_row_stats(z, scale=scale, targets=local, top2=False, entropy=False, lse=True)
         return out["lse"], out["target_logprob"] + out["lse"]
-    z = z.to(working_dtype(z.dtype))
+    z = z.to(working_dtype(z.dtype))  # this function's own tile: scaled in place
     if scale != 1.0:
-        z = z * scale
+        z.mul_(scale)
     return torch.logsumexp(z, dim=1), z.gather(1, local.clamp_min(0)[:, None]).squeeze(1)
 
 
