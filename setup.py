@@ -15,6 +15,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 CSRC = Path("csrc")
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("atpo_fast/__init__.py").read_text()).group(1)
 
 
 def cuda_build_problem() -> str | None:
@@ -56,7 +57,7 @@ def native_extension():
 
 setup(
     name="atpo_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast ATPO reinforcement learning for masked-diffusion language models",
     python_requires=">=3.10",
     packages=find_packages(include=["atpo_fast", "atpo_fast.*"]) + ["atpo_fast.kernels"],

@@ -1,12 +1,30 @@
-"""atpo_fast: fast ATPO (adaptive trajectory policy optimisation) for masked-diffusion LLMs."""
+"""atpo_fast: fast ATPO (adaptive trajectory policy optimisation) for masked-diffusion LLMs.
 
-from atpo_fast.ops import (StepRows, StepStats, TokenStats, build_step_rows, fused_linear_logprobs,
-                           selected_logprobs, step_stats, token_stats)
+The public names below are imported on first use, so that `import atpo_fast.config` (what the CLI
+needs to check a run config) does not pay for torch, Triton and transformers.
+"""
 
-from atpo_fast.sampler import Rollout, Trace, generate  # noqa: E402  (after the ops it uses)
-from atpo_fast.selection import select_steps  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Rollout", "StepRows", "StepStats", "TokenStats", "Trace", "build_step_rows", "fused_linear_logprobs",
-           "generate", "select_steps", "selected_logprobs", "step_stats", "token_stats"]
+_PUBLIC = {
+    "StepRows": "atpo_fast.ops", "StepStats": "atpo_fast.ops", "TokenStats": "atpo_fast.ops",
+    "build_step_rows": "atpo_fast.ops", "fused_linear_logprobs": "atpo_fast.ops", "selected_logprobs": "atpo_fast.ops",
+    "step_stats": "atpo_fast.ops", "token_stats": "atpo_fast.ops",
+    "Rollout": "atpo_fast.trace", "Trace": "atpo_fast.trace", "generate": "atpo_fast.sampler",
+    "select_steps": "atpo_fast.selection",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'atpo_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from atpo_fast.choices import BACKENDS
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE_INDEX = -100
 
@@ -87,8 +89,8 @@ def check_backend(backend: str, tensor: torch.Tensor, name: str) -> str:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     device = tensor.device
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda":
@@ -101,7 +103,3 @@ def check_backend(backend: str, tensor: torch.Tensor, name: str) -> str:
             )
     return backend
 
-
-def check_same_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} must be on {device}, got {tensor.device}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from atpo_fast.sampler import Trace
+from atpo_fast.trace import Trace
 
 # signal name -> (trace field, sign that makes "larger" mean "more likely wrong")
 SIGNALS = {"entropy": ("entropy", 1.0), "margin": ("margin", -1.0), "roec": ("roec", 1.0)}
@@ -52,9 +52,13 @@ def best_window(signal: torch.Tensor, failed: torch.Tensor, max_width: int | Non
     return best
 
 
+def column_means(values: torch.Tensor) -> torch.Tensor:
+    """Mean of each column of [N, T] over its non-NaN entries [T] (NaN where there are none, or N = 0)."""
+    return values.nanmean(0) if values.shape[0] else torch.full(values.shape[1:], float("nan"))
+
+
 def _mean(values: torch.Tensor) -> list[float | None]:
-    means = values.nanmean(0) if values.shape[0] else torch.full(values.shape[1:], float("nan"))
-    return [None if v != v else round(v, 6) for v in means.tolist()]
+    return [None if v != v else round(v, 6) for v in column_means(values).tolist()]
 
 
 def confusion_zone_report(trace: Trace, correct: torch.Tensor, selected_counts: torch.Tensor | None = None) -> dict:
@@ -107,17 +111,13 @@ def plot_report(report: dict, path: Path) -> None:
 def analyze_run(run_dir: str | Path, samples: int = 4, temperature: float = 1.0, size: int | None = None) -> dict:
     """Roll out a run's checkpoint on its held-out problems (samples per problem) and write
     analysis.json and analysis.png into the run folder."""
-    from atpo_fast.config import load_config
+    from atpo_fast.checkpoint import load_run
+    from atpo_fast.common import derive_seed
     from atpo_fast.selection import select_steps
-    from atpo_fast.distributed import checkpoint_path
-    from atpo_fast.trainer import CHECKPOINT, Trainer, derive_seed
 
     run_dir = Path(run_dir)
-    if checkpoint_path(run_dir / CHECKPOINT) is None:
-        raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
-    config = load_config(run_dir / "config.yaml")
-    trainer = Trainer(config, run_dir)
-    trainer.load_checkpoint(run_dir / CHECKPOINT)
+    trainer = load_run(run_dir)
+    config = trainer.config
     examples = trainer.task.test[:size or config.eval.size]
     rollout = trainer.rollout(examples, samples, temperature, derive_seed(config.seed, "analysis"))
     _, correct = trainer.score(examples, samples, rollout)

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from atpo_fast.config import load_config
 
@@ -44,7 +43,7 @@ def parse_train_args(argv: list[str]):
 def train_main(argv: list[str] | None = None) -> int:
     try:
         args, config = parse_train_args(sys.argv[1:] if argv is None else argv)
-        from atpo_fast.trainer import train
+        from atpo_fast.run import train
 
         summary = train(config, resume=args.resume, progress=not args.quiet)
     except ValueError as err:
@@ -66,9 +65,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to leave (and no torch import to pay)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -79,19 +77,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run_dir = Path(args.run_dir)
-        from atpo_fast.distributed import checkpoint_path
-        from atpo_fast.trainer import CHECKPOINT, Trainer
+        from atpo_fast.checkpoint import load_run
 
-        if checkpoint_path(run_dir / CHECKPOINT) is None:
-            raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
-        config = load_config(run_dir / "config.yaml", args.overrides)
-
-        trainer = Trainer(config, run_dir)
-        trainer.load_checkpoint(run_dir / CHECKPOINT)
+        trainer = load_run(args.run_dir, args.overrides)
         result, _ = trainer.evaluate(args.size)
     except ValueError as err:
         print(f"atpo-eval: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_dir": str(run_dir), "iteration": trainer.iteration, **result}, indent=2))
+    print(json.dumps({"run_dir": args.run_dir, "iteration": trainer.iteration, **result}, indent=2))
     return 0

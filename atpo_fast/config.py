@@ -1,113 +1,134 @@
 """Run configuration: one dataclass tree, loaded from YAML and overridden by `section.key=value` pairs.
 
-Unknown keys and values of the wrong type raise a ValueError that names the key.
+Everything is checked when it is loaded, before any model is built: unknown keys, values of the
+wrong type, choices outside their set, numbers out of range and combinations that cannot run all
+raise a ValueError of one line that names the key, the value and what is allowed. This module
+imports neither torch nor the models, so `atpo-train` rejects a bad value within a second or two.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-from atpo_fast.models.tiny import TinyConfig
+from atpo_fast.choices import (Backend, Device, DistBackend, Mode, ModelDtype, ModelKind, Per, Remasking, Rule,
+                               Strategy, TokenSet)
+
+DEFAULT_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"  # the tiny model's alphabet
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    """Shape of the tiny bidirectional model (atpo_fast.models.TinyDiffusionLM)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4  # must divide hidden_size
+    intermediate_size: int = 384
+    max_length: int = 160  # context in tokens: prompt plus response
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    chars: str = DEFAULT_CHARS  # the tokenizer's alphabet
+    vocab_size: Optional[int] = None  # a larger embedding and LM head than the alphabet needs (benchmarks)
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: str = "tiny"  # tiny | llada | dream
+    kind: ModelKind = "tiny"  # the built-in tiny model, or a pretrained LLaDA / Dream from model.path
     path: Optional[str] = None  # local folder of weights (required for llada / dream; optional for tiny)
-    dtype: str = "float32"  # float32 | bfloat16: parameter dtype (CUDA runs use bf16 autocast either way)
+    dtype: ModelDtype = "float32"  # llada / dream parameter dtype (CUDA runs use bf16 autocast either way)
     attn_implementation: Optional[str] = None  # llada / dream: e.g. flash_attention_2, when installed
     tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)  # the tiny model's shape
 
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: str = "sudoku4"
+    name: str = "sudoku4"  # a registered task (atpo_fast.tasks.TASKS)
     data: Optional[str] = None  # the jsonl task's file
     options: dict = dataclasses.field(default_factory=dict)  # extra keyword arguments of the task
 
 
 @dataclasses.dataclass
 class SamplerConfig:
-    gen_length: int = 16
-    block_length: int = 16
-    steps: int = 16
-    temperature: float = 1.0
-    remasking: str = "low_confidence"
-    threshold: Optional[float] = None
-    eos_fill: bool = False
+    gen_length: int = 16  # response tokens
+    block_length: int = 16  # semi-autoregressive blocks of this many tokens; divides gen_length
+    steps: int = 16  # denoising steps in all, spread evenly over the blocks
+    temperature: float = 1.0  # rollout sampling temperature (0: greedy)
+    remasking: Remasking = "low_confidence"  # which masked tokens a step commits
+    threshold: Optional[float] = None  # commit every token above this confidence (low_confidence / margin)
+    eos_fill: bool = False  # once EOS is committed, fill the rest of the response with EOS in bulk
     prompts_per_call: Optional[int] = None  # prompts per generate call (None: a rank's whole share at once)
 
 
 @dataclasses.dataclass
 class SelectionConfig:
-    rule: str = "hybrid"  # uniform | random | entropy | margin | roec | hybrid
-    mode: str = "select"  # select | partition
+    rule: Rule = "hybrid"  # which steps become training rows (atpo_fast.selection)
+    mode: Mode = "select"  # select: row [t, t + 1) per selected step; partition: selected steps start rows
     budget: int = 4  # rows per response
-    alpha: float = 0.5
-    per: str = "batch"  # batch | trajectory
-    token_set: str = "committed"  # committed | masked
+    alpha: float = 0.5  # hybrid rule: weight of RoEC against (1 - margin)
+    per: Per = "batch"  # rank steps by batch-averaged signals or per trajectory
+    token_set: TokenSet = "committed"  # signals over the tokens committed at a step, or every masked candidate
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    iterations: int = 80
-    prompts_per_iter: int = 16
+    iterations: int = 80  # ATPO iterations
+    prompts_per_iter: int = 16  # prompts per iteration (over all ranks; a multiple of their number)
     group_size: int = 8  # responses per prompt
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
-    warmup_iters: int = 0
-    micro_batch_rows: int = 256
-    updates_per_batch: int = 1
-    clip_eps: float = 0.2
-    kl_beta: float = 0.01
+    grad_clip: float = 1.0  # gradient norm clip
+    warmup_iters: int = 0  # linear learning-rate warm-up over this many iterations
+    micro_batch_rows: int = 256  # training rows per forward (gradient accumulation over micro-batches)
+    updates_per_batch: int = 1  # optimizer steps on each iteration's rows (PPO epochs)
+    clip_eps: float = 0.2  # PPO ratio clip
+    kl_beta: float = 0.01  # weight of the k3 KL estimate against the rollout policy
 
 
 @dataclasses.dataclass
 class WarmStartConfig:
-    steps: int = 400  # supervised masked-diffusion steps before RL (0: none)
+    steps: int = 400  # supervised masked-diffusion steps before RL (0: none; tiny model only)
     seed: int = 0  # model init and supervised data: runs that differ only in `seed` share one warm start
     batch_size: int = 64
     lr: float = 1e-3
-    cache_dir: str = ".cache/warmstart"
+    cache_dir: str = ".cache/warmstart"  # finished warm starts, keyed by everything that changes them
 
 
 @dataclasses.dataclass
 class EvalConfig:
     every: int = 20  # iterations between held-out evaluations
     size: int = 200  # held-out problems
-    pass_k: int = 4
-    pass_temperature: float = 1.0
+    pass_k: int = 4  # samples per problem for pass@k (0: greedy accuracy only)
+    pass_temperature: float = 1.0  # sampling temperature of the pass@k samples
 
 
 @dataclasses.dataclass
 class LoggingConfig:
-    run_dir: str = "runs"
+    run_dir: str = "runs"  # runs land in run_dir/<name>/
     name: Optional[str] = None  # default: <task>-<rule>-seed<seed>
-    checkpoint_every: int = 20
-    tensorboard: bool = False
+    checkpoint_every: int = 20  # iterations between checkpoints (and one at the end)
+    tensorboard: bool = False  # also log scalars to run_dir/<name>/tensorboard (needs tensorboard)
     max_bad_iters: int = 3  # consecutive NaN / inf losses before the run stops
 
 
 @dataclasses.dataclass
 class DistributedConfig:  # used when torchrun starts more than one process
-    strategy: str = "ddp"  # ddp (a model replica per GPU) | fsdp (FSDP2: parameters sharded over the ranks)
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    strategy: Strategy = "ddp"  # ddp (a model replica per GPU) | fsdp (FSDP2: parameters sharded over the ranks)
+    backend: DistBackend = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # kernels: auto | triton | torch
+    seed: int = 0  # rollouts, selection and evaluation draw from (seed, iteration)
+    device: Device = "auto"  # auto: CUDA when there is a GPU
+    backend: Backend = "auto"  # kernels: Triton on CUDA tensors (auto), or the torch path
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
@@ -122,6 +143,74 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_values(config: TrainConfig) -> None:
+    """Ranges and cross-field rules of a typed config; a ValueError naming the key(s) otherwise."""
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
+
+    m, s, sel, o, w, e = config.model, config.sampler, config.selection, config.optim, config.warmstart, config.eval
+    positive = "an int >= 1"
+    for key in ("model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.num_heads",
+                "model.tiny.intermediate_size", "model.tiny.max_length", "sampler.gen_length",
+                "sampler.block_length", "sampler.steps", "selection.budget", "optim.iterations",
+                "optim.prompts_per_iter", "optim.micro_batch_rows", "optim.updates_per_batch", "warmstart.batch_size",
+                "eval.every", "eval.size", "logging.checkpoint_every", "logging.max_bad_iters"):
+        section, *rest = key.split(".")
+        value = getattr(config, section)
+        for part in rest:
+            value = getattr(value, part)
+        need(value >= 1, key, positive)
+    for key, value in (("warmstart.steps", w.steps), ("optim.warmup_iters", o.warmup_iters),
+                       ("eval.pass_k", e.pass_k)):
+        need(value >= 0, key, "an int >= 0")
+    for key, value in (("optim.lr", o.lr), ("warmstart.lr", w.lr), ("optim.grad_clip", o.grad_clip),
+                       ("optim.clip_eps", o.clip_eps)):
+        need(value > 0, key, "a number > 0")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.kl_beta", o.kl_beta),
+                       ("sampler.temperature", s.temperature)):
+        need(value >= 0, key, "a number >= 0")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        need(0 <= value < 1, key, "a number in [0, 1)")
+    need(0 <= sel.alpha <= 1, "selection.alpha", "a number in [0, 1]")
+    need(o.group_size >= 2, "optim.group_size", "an int >= 2 (advantages compare responses to one prompt)")
+    need(e.pass_k == 0 or e.pass_temperature > 0, "eval.pass_temperature", "a number > 0 when eval.pass_k > 0")
+    need(s.prompts_per_call is None or s.prompts_per_call >= 1, "sampler.prompts_per_call", "an int >= 1 or null")
+    need(m.tiny.vocab_size is None or m.tiny.vocab_size >= 4 + len(m.tiny.chars), "model.tiny.vocab_size",
+         f"null or an int >= {4 + len(m.tiny.chars)} (the alphabet and four special tokens)")
+    need(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
+         f"a multiple of model.tiny.num_heads ({m.tiny.num_heads})")
+    need(s.gen_length % s.block_length == 0, "sampler.gen_length",
+         f"a multiple of sampler.block_length ({s.block_length})")
+    need(s.steps % (s.gen_length // s.block_length) == 0, "sampler.steps",
+         f"a multiple of the number of blocks, sampler.gen_length / sampler.block_length "
+         f"({s.gen_length // s.block_length})")
+    if s.threshold is not None:
+        need(0 < s.threshold <= 1, "sampler.threshold", "null or a number in (0, 1]")
+        need(s.remasking in ("low_confidence", "margin"), "sampler.remasking",
+             "'low_confidence' or 'margin' when sampler.threshold is set")
+    if m.kind == "tiny":
+        need(m.dtype == "float32", "model.dtype", "'float32' for the tiny model (it trains in float32)")
+    else:
+        need(bool(m.path), "model.path", f"a local folder of weights for model.kind={m.kind!r}")
+        need(Path(m.path).is_dir(), "model.path", "an existing folder")
+        need(w.steps == 0, "warmstart.steps", f"0 for model.kind={m.kind!r} (the warm start is for the tiny model)")
+    from atpo_fast.tasks import TASKS  # the registry (plain Python, no torch)
+
+    need(config.task.name in TASKS, "task.name", f"one of {sorted(TASKS)}")
+    need(config.task.name != "jsonl" or bool(config.task.data), "task.data", "a JSONL file for task.name='jsonl'")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's ranks
+    need(o.prompts_per_iter % world == 0, "optim.prompts_per_iter", f"a multiple of the number of ranks ({world})")
+    need(e.size >= world, "eval.size", f"at least one held-out problem per rank ({world})")
+    if config.device == "cuda":
+        import torch
+
+        need(torch.cuda.is_available(), "device", "'auto' or 'cpu' on a machine without a CUDA GPU")
+
+
 def _coerce(value: Any, hint, key: str) -> Any:
     """value as the annotated type (int, float, str, bool, dict, Optional[...]); else a ValueError."""
     origin = typing.get_origin(hint)
@@ -130,6 +219,11 @@ def _coerce(value: Any, hint, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ValueError(f"config key {key!r} expects one of {', '.join(map(repr, choices))}, got {value!r}")
     expected = hint.__name__ if isinstance(hint, type) else str(hint)
     if hint is bool:
         if isinstance(value, bool):
@@ -195,7 +289,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return _build(TrainConfig, data)
+    config = _build(TrainConfig, data)
+    check_values(config)
+    return config
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

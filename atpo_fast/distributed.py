@@ -1,10 +1,9 @@
-"""torch.distributed for atpo-train under torchrun: the process group, DDP / FSDP2, reductions, DCP checkpoints.
+"""torch.distributed for atpo-train under torchrun: the process group, DDP / FSDP2, reductions.
 
 Launched by torchrun (WORLD_SIZE > 1 in the environment), `setup` joins the process group (NCCL on
 CUDA, gloo on CPU) and `wrap` shards the model with FSDP2 (`fully_shard` on every block of the
 model's layer list, then on the root) or replicates it with DDP. In one process every helper here
-is a no-op. Checkpoints are always torch.distributed.checkpoint folders, so a run resumes on any
-number of ranks.
+is a no-op. Checkpoints (DCP folders that resume on any number of ranks) are in checkpoint.py.
 """
 
 from __future__ import annotations
@@ -12,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
+from atpo_fast.choices import DIST_BACKENDS, STRATEGIES
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -57,12 +54,19 @@ class Dist:
         """Reduce in place over every rank (op: sum | max | min) and return the tensor."""
         return all_reduce(tensor, op, self.group)
 
-    def reduce_values(self, values: dict[str, float], op: str, device) -> dict[str, float]:
-        """The same reduction of several Python numbers at once."""
+    def reduce(self, values: dict, op: str, device) -> dict:
+        """The same reduction (sum | max | min over the ranks) of several numbers and 1-d tensors at
+        once, packed into one float64 all_reduce. Numbers come back as floats, tensors as float64 on
+        the CPU (in one process, unchanged)."""
         if self.world == 1 or not values:
             return values
-        reduced = self.all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device), op)
-        return dict(zip(values, reduced.tolist()))
+        parts = [torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in values.values()]
+        reduced = self.all_reduce(torch.cat(parts).to(device), op).cpu().split([p.numel() for p in parts])
+        return {key: (r if isinstance(v, torch.Tensor) else r.item()) for (key, v), r in zip(values.items(), reduced)}
+
+    def reduce_metrics(self, sums: dict, maxes: dict, device) -> tuple[dict, dict]:
+        """An iteration's metrics in one go: `sums` summed and `maxes` maximised over the ranks."""
+        return self.reduce(sums, "sum", device), self.reduce(maxes, "max", device)
 
 
 def setup(backend: str = "auto") -> Dist:
@@ -70,8 +74,8 @@ def setup(backend: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    if backend not in ("auto", "nccl", "gloo"):
-        raise ValueError(f"distributed.backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if backend not in DIST_BACKENDS:
+        raise ValueError(f"distributed.backend must be one of {DIST_BACKENDS}, got {backend!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend == "auto":
@@ -134,80 +138,3 @@ def gradient_sync(policy: nn.Module, enabled: bool):
     if hasattr(policy, "set_requires_gradient_sync"):
         policy.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> None:
-    """Write model, optimizer and `extra` (numbers and strings) as a DCP folder at path, atomically:
-    every rank writes into path.tmp, then rank 0 swaps it in (the previous one survives as path.old
-    until the swap is done, and load_checkpoint falls back on it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if hasattr(model, "reshard"):
-        model.reshard()  # FSDP2 state dicts are built from the shards
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    d.barrier()
-    # an optimizer that has not stepped yet is left out: asking DCP for its state would initialise it
-    # with a zero-gradient step, and AdamW's bias correction would then count one step too many
-    state = {"model": get_model_state_dict(model), "extra": {**extra, "has_optimizer_state": bool(optimizer.state)}}
-    if optimizer.state:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    with _single_process_quiet(d):
-        dcp.save(state, checkpoint_id=str(tmp))
-    d.barrier()
-    if d.main:
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
-
-
-def checkpoint_path(path: Path) -> Path | None:
-    """The complete checkpoint folder at path (or its .old copy, if a swap was interrupted), else None."""
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if (candidate / ".metadata").is_file():
-            return candidate
-    return None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> dict:
-    """Load a checkpoint written by save_checkpoint with any number of ranks; `extra` gives the keys
-    (and placeholder values) to read back. Returns extra with the saved values."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    found = checkpoint_path(path)
-    if found is None:
-        raise ValueError(f"no checkpoint at {path}")
-    state = {"extra": {**extra, "has_optimizer_state": False}}
-    with _single_process_quiet(d):
-        dcp.load(state, checkpoint_id=str(found))
-        state["model"] = get_model_state_dict(model)
-        if state["extra"]["has_optimizer_state"]:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
-    set_model_state_dict(model, state["model"])
-    if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    return {k: v for k, v in state["extra"].items() if k in extra}
-
-
-@contextlib.contextmanager
-def _single_process_quiet(d: Dist):
-    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
-    with warnings.catch_warnings():
-        if d.world == 1:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

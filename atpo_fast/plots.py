@@ -15,9 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-
-def _nanmean(values: torch.Tensor) -> torch.Tensor:
-    return values.nanmean(0) if values.shape[0] else torch.full(values.shape[1:], float("nan"))
+from atpo_fast.analysis import column_means  # noqa: E402
 
 
 def plot_training(path: Path, history: list[dict]) -> None:
@@ -47,7 +45,7 @@ def plot_confusion_zones(path: Path, curves: dict) -> None:
         values = curves[name].float()
         steps = torch.arange(values.shape[1])
         for label, rows, color in (("correct", correct, "tab:green"), ("wrong", ~correct, "tab:red")):
-            ax.plot(steps.numpy(), _nanmean(values[rows]).numpy(), color=color, label=f"{label} ({int(rows.sum())})")
+            ax.plot(steps.numpy(), column_means(values[rows]).numpy(), color=color, label=f"{label} ({int(rows.sum())})")
         ax.set_title(name if name != "margin" else "margin (p1 - p2)")
         ax.set_xlabel("denoising step")
         ax.grid(alpha=0.3)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from atpo_fast._checks import IGNORE_INDEX
+from atpo_fast.ops.step_rows import StepRows
 
 
 def _invalid_rows(z: torch.Tensor) -> torch.Tensor:
@@ -117,3 +118,30 @@ def llada_generate(model, prompt_ids: torch.Tensor, gen_length: int, block_lengt
             logits = model.logits(tokens, attention_mask)
             tokens = llada_step(logits, tokens, model.mask_id, start + block_length, num_transfer)
     return tokens
+
+
+def step_rows(tokens: torch.Tensor, step_map: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+              mask_id: int) -> StepRows:
+    """build_step_rows' definition, one row at a time: for each (sequence b, interval [s, e)) with
+    s != -1, the row is tokens[b] with every position committed at a step >= s masked (the state
+    before step s); its targets are the positions committed at steps in [s, e), in row-major order."""
+    input_ids, target_mask, seq_index, step_start = [], [], [], []
+    for b in range(tokens.shape[0]):
+        for s, e in zip(starts[b].tolist(), ends[b].tolist()):
+            if s == -1:
+                continue
+            ids = tokens[b].clone()
+            ids[step_map[b] >= s] = mask_id
+            input_ids.append(ids)
+            target_mask.append((step_map[b] >= s) & (step_map[b] < e))
+            seq_index.append(b)
+            step_start.append(s)
+    if not input_ids:
+        empty = tokens.new_zeros(0, dtype=torch.int64)
+        return StepRows(tokens.new_zeros(0, tokens.shape[1]), torch.zeros(0, tokens.shape[1], dtype=torch.bool,
+                        device=tokens.device), empty, empty, empty, empty, empty)
+    input_ids, target_mask = torch.stack(input_ids), torch.stack(target_mask)
+    seq_index = torch.tensor(seq_index, device=tokens.device)
+    target_row, target_pos = target_mask.nonzero(as_tuple=True)
+    return StepRows(input_ids, target_mask, seq_index, torch.tensor(step_start, device=tokens.device), target_row,
+                    target_pos, tokens[seq_index[target_row], target_pos])

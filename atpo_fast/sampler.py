@@ -11,78 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from atpo_fast._checks import check_temperature
+from atpo_fast.choices import REMASKING_RULES
 from atpo_fast.distributed import all_reduce
 from atpo_fast.models.base import DiffusionLM
 from atpo_fast.ops.step_stats import step_stats
 from atpo_fast.ops.token_stats import token_stats
-
-REMASKING_RULES = ("low_confidence", "margin", "entropy", "random")
-
-
-@dataclasses.dataclass
-class Trace:
-    """Per-step signals of a rollout, each [B, T] (float32 unless noted; NaN where the set is empty)."""
-
-    entropy: torch.Tensor  # mean entropy over the tokens committed at the step (H_t)
-    margin: torch.Tensor  # mean p1 - p2 over the tokens committed at the step (CM_t)
-    roec: torch.Tensor  # |H_t - H_{t-1}|, 0 at the first step
-    candidate_entropy: torch.Tensor  # mean entropy over every masked candidate of the active block
-    candidate_margin: torch.Tensor  # mean margin over the same candidates
-    count: torch.Tensor  # int64: tokens committed from the model's prediction
-    filled: torch.Tensor  # int64: positions committed as EOS in bulk (eos_fill)
-    threshold: torch.Tensor  # confidence threshold used (the lowest committed confidence without one)
-    block: torch.Tensor  # int64 [T]: the block each step worked on
-
-    @property
-    def num_steps(self) -> int:
-        return self.count.shape[1]
-
-    def padded(self, steps: int, block: torch.Tensor) -> Trace:
-        """The trace widened to `steps` columns with steps nobody reached (NaN signals, zero counts)."""
-        extra = steps - self.num_steps
-        if extra == 0:
-            return self
-        fields = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "block":
-                fill = 0 if field.name in ("count", "filled") else float("nan")
-                fields[field.name] = torch.cat([value, value.new_full((value.shape[0], extra), fill)], dim=1)
-        return Trace(**fields, block=block[:steps])
-
-
-@dataclasses.dataclass
-class Rollout:
-    tokens: torch.Tensor  # [B, Lp + gen_length] int64: prompt then response
-    step_map: torch.Tensor  # [B, gen_length] int64: the step at which each response position was committed
-    trace: Trace | None  # None when generate ran with record=False
-    prompt_length: int
-    attention_mask: torch.Tensor  # [B, Lp + gen_length]: 0 on left padding
-
-    @property
-    def response(self) -> torch.Tensor:
-        return self.tokens[:, self.prompt_length:]
-
-
-def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
-    """Rollouts of separate generate calls as one batch: prompts left-padded to the widest, traces
-    widened to the longest (see Trace.padded)."""
-    if len(rollouts) == 1:
-        return rollouts[0]
-    width = max(r.prompt_length for r in rollouts)
-    tokens = torch.cat([F.pad(r.tokens, (width - r.prompt_length, 0), value=pad_id) for r in rollouts])
-    attention = torch.cat([F.pad(r.attention_mask, (width - r.prompt_length, 0), value=0) for r in rollouts])
-    step_map = torch.cat([r.step_map for r in rollouts])
-    trace = None
-    if all(r.trace is not None for r in rollouts):
-        longest = max((r.trace for r in rollouts), key=lambda t: t.num_steps)
-        traces = [r.trace.padded(longest.num_steps, longest.block) for r in rollouts]
-        trace = Trace(**{f.name: torch.cat([getattr(t, f.name) for t in traces]) if f.name != "block"
-                         else longest.block for f in dataclasses.fields(Trace)})
-    return Rollout(tokens, step_map, trace, width, attention)
+from atpo_fast.trace import Rollout, Trace
 
 
 def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -130,7 +66,6 @@ class StepDecision:
 
     commit: torch.Tensor  # bool: positions committed at this step
     tokens: torch.Tensor  # int64: the predicted token at each candidate (mask_id elsewhere)
-    confidence: torch.Tensor  # the remasking rule's score (-inf off the candidates)
     entropy: torch.Tensor  # per-candidate statistics (NaN off the candidates)
     margin: torch.Tensor
 
@@ -162,7 +97,7 @@ def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch
     else:
         best = torch.zeros_like(candidates).scatter_(1, confidence.argmax(dim=1, keepdim=True), True)
         commit = (confidence >= threshold) | (best & candidates)
-    return StepDecision(commit, _scatter(stats.sampled, b_idx, p_idx, shape, model.mask_id), confidence,
+    return StepDecision(commit, _scatter(stats.sampled, b_idx, p_idx, shape, model.mask_id),
                         _scatter(stats.entropy, b_idx, p_idx, shape, float("nan")),
                         _scatter(stats.margin, b_idx, p_idx, shape, float("nan")))
 
@@ -170,25 +105,21 @@ def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch
 class _TraceRecorder:
     """Collects the per-step signals into a Trace."""
 
-    FIELDS = ("entropy", "margin", "roec", "candidate_entropy", "candidate_margin", "count", "filled", "threshold")
+    FIELDS = ("entropy", "margin", "roec", "candidate_entropy", "candidate_margin", "count", "filled")
 
     def __init__(self):
         self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
         self.blocks: list[int] = []
         self.prev_entropy = None
 
-    def add(self, decision: StepDecision, candidates: torch.Tensor, filled: torch.Tensor, threshold, block: int):
+    def add(self, decision: StepDecision, candidates: torch.Tensor, filled: torch.Tensor, block: int):
         pair = (decision.entropy, decision.margin)
         committed = step_stats(pair, decision.commit, prev_entropy=self.prev_entropy)
         candidate = step_stats(pair, candidates)
         self.prev_entropy = committed.entropy
-        if threshold is None:
-            used = torch.where(decision.commit, decision.confidence, float("inf")).amin(1)
-        else:
-            used = torch.full_like(committed.entropy, threshold)
         values = dict(entropy=committed.entropy, margin=committed.margin, roec=committed.roec,
                       candidate_entropy=candidate.entropy, candidate_margin=candidate.margin, count=committed.count,
-                      filled=filled, threshold=torch.where(decision.commit.any(1), used, float("nan")))
+                      filled=filled)
         for name, value in values.items():
             self.rows[name].append(value)
         self.blocks.append(block)
@@ -244,7 +175,7 @@ def generate(
     if attention_mask is not None:
         full_mask[:, :prompt_len] = attention_mask
     model_mask = full_mask if attention_mask is not None else None  # no mask at all when nothing is padded
-    step_map = torch.full((batch, gen_length), -1, dtype=torch.int64, device=device)
+    step_map = torch.full((batch, prompt_len + gen_length), -1, dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     recorder = _TraceRecorder() if record else None
     no_fill = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -267,10 +198,10 @@ def generate(
             decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
                                     remasking=remasking, seed=step_seed, generator=generator, backend=backend)
             tokens[:, window] = torch.where(decision.commit, decision.tokens, tokens[:, window])
-            step_map[:, window.start - prompt_len:window.stop - prompt_len][decision.commit] = step
+            step_map[:, window][decision.commit] = step
             filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill
             if recorder is not None:
-                recorder.add(decision, candidates, filled, threshold, block)
+                recorder.add(decision, candidates, filled, block)
             step += 1
     trace = recorder.trace(batch, device) if recorder is not None else None
     return Rollout(tokens, step_map, trace, prompt_len, full_mask)
@@ -284,11 +215,11 @@ def _on_any_rank(flag: bool, device, process_group) -> bool:
 
 def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step: int) -> torch.Tensor:
     """Commit every still-masked position after a response's first committed EOS as EOS; returns counts [B]."""
-    response = tokens[:, prompt_len:]
-    eos = (response == model.eos_id) & (step_map >= 0)
+    response, response_steps = tokens[:, prompt_len:], step_map[:, prompt_len:]
+    eos = (response == model.eos_id) & (response_steps >= 0)
     first = torch.where(eos.any(1), eos.long().argmax(1), response.shape[1])
     after = torch.arange(response.shape[1], device=tokens.device)[None, :] > first[:, None]
     fill = after & (response == model.mask_id)
     response[fill] = model.eos_id
-    step_map[fill] = step
+    response_steps[fill] = step
     return fill.sum(1)

@@ -20,11 +20,10 @@ import math
 
 import torch
 
+from atpo_fast.choices import MODES, RULES
 from atpo_fast.distributed import all_reduce
-from atpo_fast.sampler import Trace
+from atpo_fast.trace import Trace
 
-RULES = ("uniform", "random", "entropy", "margin", "roec", "hybrid")
-MODES = ("select", "partition")
 
 
 def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.Tensor]:
@@ -58,6 +57,12 @@ def _min_max(values: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (values - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
+def hybrid_score(roec: torch.Tensor, uncertainty: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ATPO's score [..., T]: alpha * RoEC~ + (1 - alpha) * (1 - CM)~, min-max normalised over T
+    (NaN steps are ignored by the normalisation and stay NaN)."""
+    return alpha * _min_max(roec) + (1 - alpha) * _min_max(uncertainty)
+
+
 def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
                 token_set: str = "committed", group=None) -> torch.Tensor:
     """Selection score per step [B, T] (higher is chosen first); NaN where a step cannot be chosen.
@@ -74,7 +79,7 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
         raise ValueError(f"per must be 'batch' or 'trajectory', got {per!r}")
     if rule == "hybrid":
         roec, uncertainty = (torch.where(valid, signals[n], float("nan")) for n in ("roec", "uncertainty"))
-        score = alpha * _min_max(roec) + (1 - alpha) * _min_max(uncertainty)
+        score = hybrid_score(roec, uncertainty, alpha)
     else:
         score = signals[{"entropy": "entropy", "margin": "uncertainty", "roec": "roec"}[rule]]
     return torch.where(valid & ~score.isnan(), score, float("nan"))

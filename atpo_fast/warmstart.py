@@ -18,27 +18,26 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from atpo_fast.common import derive_seed, linear_warmup
+from atpo_fast.config import TrainConfig
 from atpo_fast.models import TinyDiffusionLM
+from atpo_fast.tasks import Example, Task
 
 MIN_MASK_RATE = 0.02
 
 
-def cache_folder(trainer) -> Path:
+def cache_folder(c: TrainConfig) -> Path:
     """Where this warm start is cached: keyed by everything that changes its result."""
-    from atpo_fast.trainer import derive_seed
-
-    c = trainer.config
     warm = {k: v for k, v in dataclasses.asdict(c.warmstart).items() if k != "cache_dir"}
     key = derive_seed(json.dumps([dataclasses.asdict(c.task), dataclasses.asdict(c.model), warm,
                                   c.sampler.gen_length], sort_keys=True))
     return Path(c.warmstart.cache_dir) / f"{c.task.name}-{key:016x}"
 
 
-def supervised_batch(model: TinyDiffusionLM, examples, gen_length: int, device, generator: torch.Generator):
+def supervised_batch(model: TinyDiffusionLM, examples: list[Example], gen_length: int, device,
+                     generator: torch.Generator):
     """Masked sequences [B, Lp + gen] with their attention mask, masked positions and weights 1/t."""
-    from atpo_fast.trainer import encode_batch
-
-    prompts, mask = encode_batch(model, [ex.prompt for ex in examples], device)
+    prompts, mask = model.encode_prompts([ex.prompt for ex in examples], device)
     tokenizer = model.tokenizer
     responses = torch.full((len(examples), gen_length), tokenizer.eos_id, dtype=torch.int64)
     for i, ex in enumerate(examples):
@@ -54,32 +53,28 @@ def supervised_batch(model: TinyDiffusionLM, examples, gen_length: int, device, 
     return tokens, attention, rows, cols + prompts.shape[1], responses[rows, cols], 1.0 / rate[rows, 0]
 
 
-def warm_start(trainer, progress: bool = True) -> dict:
-    """Train the tiny model on the task's targets (or load the cached result); returns a summary."""
-    c, w = trainer.config, trainer.config.warmstart
+def warm_start(model: TinyDiffusionLM, task: Task, c: TrainConfig, device, progress: bool = True) -> dict:
+    """Train the tiny model in place on the task's targets (or load the cached result); returns a summary."""
+    w = c.warmstart
     if w.steps <= 0:
         return {"steps": 0}
-    model = trainer.model
     if not isinstance(model, TinyDiffusionLM):
         raise ValueError("warmstart.steps > 0 is for the tiny model; set warmstart.steps=0 for pretrained models")
-    folder = cache_folder(trainer)
+    folder = cache_folder(c)
     if (folder / "model.safetensors").exists():
-        model.load_state_dict(TinyDiffusionLM.from_pretrained(folder, device=trainer.device).state_dict())
+        model.load_state_dict(TinyDiffusionLM.from_pretrained(folder, device=device).state_dict())
         return {"steps": w.steps, "cached": str(folder)}
-
-    from atpo_fast.trainer import derive_seed
 
     seed = derive_seed(w.seed, "warmstart")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
-    warmup = max(1, w.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = linear_warmup(optimizer, max(1, w.steps // 20))
     model.train()
     losses = []
     for _ in tqdm(range(w.steps), desc="warm start", disable=not progress, dynamic_ncols=True):
-        examples = rng.sample(trainer.task.train, w.batch_size)
+        examples = rng.sample(task.train, w.batch_size)
         tokens, attention, rows, cols, targets, weight = supervised_batch(model, examples, c.sampler.gen_length,
-                                                                          trainer.device, generator)
+                                                                          device, generator)
         logprob = model(tokens, attention, rows, cols, targets)
         loss = -(logprob * weight).sum() / (w.batch_size * c.sampler.gen_length)
         optimizer.zero_grad(set_to_none=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atpo_fast import build_step_rows
-from atpo_fast.ops.step_rows import StepRows, native_extension
+from atpo_fast import build_step_rows, reference
+from atpo_fast.ops.step_rows import native_extension
 from benchmarks.common import CPU_COLUMNS, machine_info, parse_args, print_table, run_cpu_suite, write_results
 
 MASK_ID = 126336
@@ -28,26 +28,6 @@ def make_inputs(batch: int, length: int, prompt: int, steps: int, slots: int, de
     return [t.to(device) for t in (tokens, step_map, starts, ends)]
 
 
-def python_loop_builder(tokens, step_map, starts, ends, mask_id) -> StepRows:
-    """A loop over (sequence, interval) with per-row torch ops."""
-    input_ids, target_mask, seq_index, step_start = [], [], [], []
-    for b in range(tokens.shape[0]):
-        for s, e in zip(starts[b].tolist(), ends[b].tolist()):
-            if s == -1:
-                continue
-            ids = tokens[b].clone()
-            ids[step_map[b] >= s] = mask_id
-            input_ids.append(ids)
-            target_mask.append((step_map[b] >= s) & (step_map[b] < e))
-            seq_index.append(b)
-            step_start.append(s)
-    input_ids, target_mask = torch.stack(input_ids), torch.stack(target_mask)
-    seq_index = torch.tensor(seq_index, device=tokens.device)
-    target_row, target_pos = target_mask.nonzero(as_tuple=True)
-    return StepRows(input_ids, target_mask, seq_index, torch.tensor(step_start, device=tokens.device), target_row,
-                    target_pos, tokens[seq_index[target_row], target_pos])
-
-
 FULL = dict(batch=64, length=1024, prompt=256, steps=256, slots=64)
 QUICK = dict(batch=8, length=256, prompt=64, steps=64, slots=16)
 VARIANTS = ("torch fallback", "atpo_fast native", "python loop")
@@ -57,7 +37,7 @@ def variants(shape: dict, device: str) -> dict:
     inputs = make_inputs(**shape, device=device)
     return {"torch fallback": lambda: build_step_rows(*inputs, MASK_ID, backend="torch"),
             "atpo_fast native": lambda: build_step_rows(*inputs, MASK_ID, backend="native"),
-            "python loop": lambda: python_loop_builder(*inputs, MASK_ID)}
+            "python loop": lambda: reference.step_rows(*inputs, MASK_ID)}
 
 
 def cpu_cases(quick: bool) -> dict:

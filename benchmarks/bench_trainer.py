@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import zlib
-from pathlib import Path
 
 import torch
 
 from atpo_fast.config import load_config
 from atpo_fast.models import TinyConfig, TinyDiffusionLM
 from atpo_fast.reference import llada_step
-from atpo_fast.sampler import Rollout, Trace, transfer_schedule
+from atpo_fast.sampler import transfer_schedule
+from atpo_fast.trace import Rollout, Trace
 from atpo_fast.tasks import Example, Task
-from atpo_fast.trainer import Trainer, encode_batch, peak_memory_mb
+from atpo_fast.trainer import Trainer, peak_memory_mb
 from benchmarks.common import machine_info, print_table, write_results
 
 LLADA_SHAPE = dict(hidden_size=4096, num_heads=32, intermediate_size=12288, vocab_size=126464, num_layers=32)
@@ -62,12 +61,12 @@ class PlainTrainer(Trainer):
     @torch.no_grad()
     def rollout(self, examples, repeats, temperature, seed, first_prompt=0):
         s, model = self.config.sampler, self.model
-        ids, mask = encode_batch(model, [ex.prompt for ex in examples for _ in range(repeats)], self.device)
+        ids, mask = model.encode_prompts([ex.prompt for ex in examples for _ in range(repeats)], self.device)
         batch, prompt_len = ids.shape
         tokens = torch.full((batch, prompt_len + s.gen_length), model.mask_id, dtype=torch.int64, device=self.device)
         tokens[:, :prompt_len] = ids
         full_mask = torch.cat([mask, torch.ones(batch, s.gen_length, dtype=torch.int64, device=self.device)], 1)
-        step_map = torch.full((batch, s.gen_length), -1, dtype=torch.int64, device=self.device)
+        step_map = torch.full(tokens.shape, -1, dtype=torch.int64, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         per_block, step = s.steps // (s.gen_length // s.block_length), 0
         for end in range(prompt_len + s.block_length, tokens.shape[1] + 1, s.block_length):
@@ -78,17 +77,20 @@ class PlainTrainer(Trainer):
                 with self.autocast:
                     logits = model.logits(tokens, full_mask)
                 new = llada_step(logits, tokens, model.mask_id, end, schedule[:, i], temperature, generator)
-                step_map[(new != tokens)[:, prompt_len:]] = step
+                step_map[new != tokens] = step
                 tokens, step = new, step + 1
         counts = torch.stack([(step_map == t).sum(1) for t in range(step)], 1)
         nan = torch.full(counts.shape, float("nan"), device=self.device)
-        trace = Trace(nan, nan, nan, nan, nan, counts, torch.zeros_like(counts), nan,
+        trace = Trace(nan, nan, nan, nan, nan, counts, torch.zeros_like(counts),
                       torch.zeros(step, dtype=torch.int64))
         return Rollout(tokens, step_map, trace, prompt_len, full_mask)
 
-    def row_logprobs(self, rows, attention_mask, r0, r1, t0, t1):
+    def row_logprobs(self, selected, batch):
+        if batch is None:
+            return super().row_logprobs(selected, batch)
+        rows, (r0, r1, t0, t1) = selected.rows, batch
         with self.autocast:
-            logits = self.model.logits(rows.input_ids[r0:r1], attention_mask[r0:r1])
+            logits = self.model.logits(rows.input_ids[r0:r1], selected.attention[r0:r1])
         logprobs = torch.log_softmax(logits.float(), dim=-1)[rows.target_row[t0:t1] - r0, rows.target_pos[t0:t1]]
         return logprobs.gather(1, rows.target_token[t0:t1, None]).squeeze(1)
 
@@ -104,7 +106,7 @@ def run(variant: str, shape: dict, plan: dict, device: str, iterations: int = 2)
         f"selection.budget={plan['budget']}", f"optim.micro_batch_rows={plan['micro']}", "optim.lr=1e-6",
         f"selection.rule={'hybrid' if variant == 'atpo_fast' else 'uniform'}"])
     cls = Trainer if variant == "atpo_fast" else PlainTrainer
-    trainer = cls(config, Path(tempfile.mkdtemp()), model=model, task=RandomTextTask(plan["prompt"]))
+    trainer = cls(config, model=model, task=RandomTextTask(plan["prompt"]))
     trainer.train_iteration()  # warm-up: kernel compilation and first allocations stay out of the figures
     if device == "cuda":
         torch.cuda.synchronize()

@@ -22,10 +22,13 @@ import shutil
 import statistics
 from pathlib import Path
 
+from atpo_fast import checkpoint
+from atpo_fast.checkpoint import CHECKPOINT
 from atpo_fast.config import load_config
-from atpo_fast.distributed import checkpoint_path
-from atpo_fast.trainer import CHECKPOINT, METRICS, Trainer, train
-from atpo_fast.warmstart import cache_folder
+from atpo_fast.distributed import Dist
+from atpo_fast.run import METRICS, train
+from atpo_fast.trainer import build_model, build_task, resolve_device
+from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
 
 RULES = ("random", "entropy", "margin", "roec", "hybrid")
@@ -54,7 +57,7 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], wor
     if same and (run_dir / "summary.json").exists():  # finished by an earlier, interrupted comparison
         summary = json.loads((run_dir / "summary.json").read_text())
     else:
-        resume = same and checkpoint_path(run_dir / CHECKPOINT) is not None
+        resume = same and checkpoint.find(run_dir / CHECKPOINT) is not None
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         summary = train(config, resume=resume, progress=False)
@@ -119,8 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     base = (QUICK if args.quick else FULL) + [f"optim.iterations={iterations}", f"warmstart.cache_dir={work / 'warm'}"]
 
     warm_config = load_config(None, base + [f"logging.run_dir={work}"])
-    trainer = Trainer(warm_config, work, warm_start=True, progress=not args.quick)  # shared by every run: model.path
-    shared = base + [f"model.path={cache_folder(trainer)}", "warmstart.steps=0"]
+    device = resolve_device(warm_config, Dist())
+    task, model = build_task(warm_config), build_model(warm_config, device)
+    warm_start(model, task, warm_config, device, progress=not args.quick)  # shared by every run: model.path
+    shared = base + [f"model.path={cache_folder(warm_config)}", "warmstart.steps=0"]
 
     runs = [run_variant(name, overrides, seed, shared, work)
             for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)]

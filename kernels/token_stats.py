@@ -27,10 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from atpo_fast import _checks
+
 from .outputs import row_stat_outputs
 from .utils import default_num_warps, row_layout, vocab_split
 
-IGNORE_INDEX = tl.constexpr(-100)  # a constexpr: jitted code may read no plain global
+IGNORE_INDEX = tl.constexpr(_checks.IGNORE_INDEX)  # a constexpr: jitted code may read no plain global
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 GROUP_W = 16  # lanes per sampling group

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atpo_fast.analysis import auroc, best_window, confusion_zone_report, per_step_auroc
-from atpo_fast.sampler import Trace
+from atpo_fast.trace import Trace
 
 
 def synthetic_trace(entropy: torch.Tensor) -> Trace:
@@ -14,7 +14,7 @@ def synthetic_trace(entropy: torch.Tensor) -> Trace:
     return Trace(entropy=entropy, margin=1 - entropy / (entropy.max() + 1), roec=torch.zeros_like(entropy),
                  candidate_entropy=entropy, candidate_margin=torch.zeros_like(entropy),
                  count=torch.ones(batch, steps, dtype=torch.int64), filled=torch.zeros(batch, steps, dtype=torch.int64),
-                 threshold=torch.zeros_like(entropy), block=torch.zeros(steps, dtype=torch.int64))
+                 block=torch.zeros(steps, dtype=torch.int64))
 
 
 def test_auroc_known_values():

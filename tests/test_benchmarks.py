@@ -19,6 +19,7 @@ def load(path: Path) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_kernels_quick(tmp_path):
     from benchmarks.__main__ import kernels
     from benchmarks.common import CPU_COLUMNS
@@ -45,6 +46,7 @@ def test_trainer_bench_quick():
         assert row["iteration_s"] > 0 and row["rollout_s"] > 0 and row["rows"] > 0 and row["targets"] >= row["rows"]
 
 
+@pytest.mark.slow
 def test_compare_rules_quick(tmp_path):
     from benchmarks.compare_rules import main
 

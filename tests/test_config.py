@@ -1,5 +1,7 @@
 """Run configuration: YAML files, command-line overrides, and errors that name the key."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,11 +11,12 @@ from atpo_fast.config import TrainConfig, load_config, save_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def test_files_parse():
+def test_files_parse(tmp_path):
     assert load_config(CONFIGS / "tiny.yaml") == TrainConfig(), "tiny.yaml is the built-in default"
-    llada = load_config(CONFIGS / "llada.yaml", ["model.path=/models/llada"])
-    assert (llada.model.kind, llada.model.path, llada.warmstart.steps) == ("llada", "/models/llada", 0)
-    assert load_config(CONFIGS / "dream.yaml").model.kind == "dream"
+    cpu = ["device=cpu", f"model.path={tmp_path}", "task.data=x.jsonl"]  # the files name a GPU, a folder, a file
+    llada = load_config(CONFIGS / "llada.yaml", cpu)
+    assert (llada.model.kind, llada.model.path, llada.warmstart.steps) == ("llada", str(tmp_path), 0)
+    assert load_config(CONFIGS / "dream.yaml", cpu).model.kind == "dream"
 
 
 def test_overrides_and_round_trip(tmp_path):
@@ -46,3 +49,59 @@ def test_bad_keys_and_values(overrides, match):
 def test_missing_file():
     with pytest.raises(ValueError, match="config file 'nope.yaml' does not exist"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("selection.rule=hybird", "'selection.rule' expects one of 'uniform', 'random', 'entropy', 'margin', 'roec', "
+                              "'hybrid', got 'hybird'"),
+    ("selection.mode=all", "'selection.mode' expects one of 'select', 'partition'"),
+    ("sampler.remasking=top", "'sampler.remasking' expects one of"),
+    ("model.dtype=float16", "'model.dtype' expects one of 'float32', 'bfloat16', got 'float16'"),
+    ("model.dtype=bfloat16", "'model.dtype' expects 'float32' for the tiny model"),
+    ("device=gpu", "'device' expects one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+    ("distributed.strategy=zero", "'distributed.strategy' expects one of 'ddp', 'fsdp'"),
+    ("backend=cuda", "'backend' expects one of 'auto', 'triton', 'torch'"),
+    ("model.kind=llama", "'model.kind' expects one of 'tiny', 'llada', 'dream'"),
+    ("optim.lr=0", "'optim.lr' expects a number > 0, got 0.0"),
+    ("optim.group_size=1", "'optim.group_size' expects an int >= 2"),
+    ("optim.iterations=0", "'optim.iterations' expects an int >= 1, got 0"),
+    ("optim.beta2=1", r"'optim.beta2' expects a number in \[0, 1\)"),
+    ("selection.alpha=1.5", r"'selection.alpha' expects a number in \[0, 1\]"),
+    ("selection.budget=-2", "'selection.budget' expects an int >= 1"),
+    ("sampler.temperature=-1", "'sampler.temperature' expects a number >= 0"),
+    ("sampler.gen_length=20", r"'sampler.gen_length' expects a multiple of sampler.block_length \(16\), got 20"),
+    ("sampler.block_length=8 sampler.steps=3", r"'sampler.steps' expects a multiple of the number of blocks.*\(2\)"),
+    ("sampler.threshold=1.5", r"'sampler.threshold' expects null or a number in \(0, 1\]"),
+    ("sampler.prompts_per_call=0", "'sampler.prompts_per_call' expects an int >= 1 or null"),
+    ("model.tiny.num_heads=3", r"'model.tiny.hidden_size' expects a multiple of model.tiny.num_heads \(3\)"),
+    ("model.tiny.attn_implementation=flash", "'model.tiny.attn_implementation' expects one of 'sdpa', 'eager'"),
+    ("model.kind=llada", "'model.path' expects a local folder of weights for model.kind='llada'"),
+    ("task.name=sudoku9", "'task.name' expects one of"),
+    ("task.name=jsonl", "'task.data' expects a JSONL file"),
+    ("eval.pass_k=-1", "'eval.pass_k' expects an int >= 0"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, override.split())
+
+
+def test_cross_field_rules(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'sampler.remasking' expects 'low_confidence' or 'margin' when"):
+        load_config(None, ["sampler.threshold=0.9", "sampler.remasking=random"])
+    with pytest.raises(ValueError, match="'warmstart.steps' expects 0 for model.kind='dream'"):
+        load_config(None, ["model.kind=dream", f"model.path={tmp_path}"])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"'optim.prompts_per_iter' expects a multiple of the number of ranks \(3\)"):
+        load_config(None)
+
+
+def test_cli_rejects_a_bad_value_before_importing_torch():
+    """`atpo-train selection.rule=hybird`: exit status 2, one line naming key, value and choices; no
+    traceback, and nothing heavy imported (the check takes well under a second)."""
+    code = ("import sys; from atpo_fast.cli import train_main; status = train_main(['selection.rule=hybird']); "
+            "heavy = [m for m in ('torch', 'triton', 'transformers') if m in sys.modules]; "
+            "print(status, heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert "selection.rule" in done.stderr and "hybird" in done.stderr and "'hybrid'" in done.stderr

@@ -7,6 +7,7 @@ a 2-rank checkpoint must resume on 1 rank exactly as the 1-rank run continues.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from atpo_fast.config import load_config
-from atpo_fast.trainer import CHECKPOINT, Trainer
+from atpo_fast import checkpoint
+from atpo_fast.distributed import Dist
 
 SETTINGS = ["model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_length: 40}",
             "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5", "optim.lr=1e-3",
@@ -47,9 +48,7 @@ def summary(run: Path) -> dict:
 
 
 def parameters(run: Path) -> dict[str, torch.Tensor]:
-    trainer = Trainer(load_config(run / "config.yaml"), run)
-    trainer.load_checkpoint(run / CHECKPOINT)
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in checkpoint.load_run(run).model.state_dict().items()}
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -70,51 +69,65 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(p[key], q[key], rtol=0, atol=1e-5 * len(x), msg=key)
 
 
+class Runs:
+    """Two-iteration runs in one folder, each made once per module and never changed by a test."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def get(self, ranks: int, strategy: str) -> Path:
+        name = f"{strategy}-{ranks}"
+        if not (self.folder / name / "summary.json").is_file():
+            atpo_train(self.folder, name, ranks, "optim.iterations=2", f"distributed.strategy={strategy}")
+        return self.folder / name
+
+    def copy(self, run: Path, name: str) -> Path:
+        shutil.copytree(run, self.folder / name)
+        return self.folder / name
+
+
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("distributed")
-    atpo_train(folder, "one", 1, "optim.iterations=2")
-    return folder
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("distributed"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one(one_rank, strategy):
-    atpo_train(one_rank, strategy, 2, "optim.iterations=2", f"distributed.strategy={strategy}")
-    assert_same_run(one_rank / "one", one_rank / strategy)
-    selected = [sum(m["selected_step_counts"]) for m in iterations(one_rank / strategy)]
+def test_two_ranks_match_one(runs, strategy):
+    two = runs.get(2, strategy)
+    assert_same_run(runs.get(1, "ddp"), two)
+    selected = [sum(m["selected_step_counts"]) for m in iterations(two)]
     assert all(s > 0 for s in selected), "the comparison covers iterations that trained"
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(one_rank):
-    if not (one_rank / "fsdp" / CHECKPOINT).is_dir():
-        atpo_train(one_rank, "fsdp", 2, "optim.iterations=2", "distributed.strategy=fsdp")
-    atpo_train(one_rank, "fsdp", 1, "optim.iterations=3", "distributed.strategy=fsdp", "--resume")
-    atpo_train(one_rank, "one", 1, "optim.iterations=3", "--resume")
-    assert [m["iteration"] for m in iterations(one_rank / "fsdp")] == [0, 1, 2]
-    assert_same_run(one_rank / "one", one_rank / "fsdp")
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_on_one_rank(runs):
+    two, one = runs.copy(runs.get(2, "fsdp"), "fsdp-resumed"), runs.copy(runs.get(1, "ddp"), "one-resumed")
+    atpo_train(runs.folder, two.name, 1, "optim.iterations=3", "distributed.strategy=fsdp", "--resume")
+    atpo_train(runs.folder, one.name, 1, "optim.iterations=3", "--resume")
+    assert [m["iteration"] for m in iterations(two)] == [0, 1, 2]
+    assert_same_run(one, two)
 
 
 def test_checkpoint_swap_survives_an_interruption(tmp_path):
-    """save_checkpoint swaps folders; a crash between its two renames leaves only checkpoint.old,
-    which load_checkpoint must find. A missing checkpoint is a clear error."""
-    from atpo_fast import distributed
-
-    one = distributed.Dist()
+    """save_state swaps folders; a crash between its two renames leaves only checkpoint.old, which
+    load_state must find. A missing checkpoint is a clear error."""
+    one = Dist()
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     path = tmp_path / "checkpoint"
-    distributed.save_checkpoint(path, model, optimizer, {"iteration": 1}, one)  # before any step: no optimizer state
+    checkpoint.save_state(path, model, optimizer, {"iteration": 1}, one)  # before any step: no optimizer state
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    distributed.save_checkpoint(path, model, optimizer, {"iteration": 2}, one)
+    checkpoint.save_state(path, model, optimizer, {"iteration": 2}, one)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     path.rename(tmp_path / "checkpoint.old")  # the state between "old <- current" and "current <- tmp"
 
     fresh = torch.nn.Linear(3, 2)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    extra = distributed.load_checkpoint(path, fresh, fresh_optimizer, {"iteration": 0}, one)
+    extra = checkpoint.load_state(path, fresh, fresh_optimizer, {"iteration": 0}, one)
     assert extra == {"iteration": 2}
     assert torch.equal(fresh.weight, model.weight)
     assert int(fresh_optimizer.state_dict()["state"][0]["step"]) == 1, "one real step, not a DCP warm-up step more"
     with pytest.raises(ValueError, match="no checkpoint"):
-        distributed.load_checkpoint(tmp_path / "missing", fresh, fresh_optimizer, {"iteration": 0}, one)
+        checkpoint.load_state(tmp_path / "missing", fresh, fresh_optimizer, {"iteration": 0}, one)

@@ -124,7 +124,7 @@ def test_generate_with_a_llada_stand_in(llada_dir):
     model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu").eval()
     prompt, mask = padded_batch(model.vocab_size)
     rollout = generate(model, prompt, gen_length=8, block_length=4, steps=4, attention_mask=mask)
-    assert (rollout.step_map >= 0).all() and (rollout.response != model.mask_id).all()
+    assert (rollout.response_steps >= 0).all() and (rollout.response != model.mask_id).all()
 
 
 def test_loader_errors(tmp_path, dream_dir):

@@ -8,7 +8,8 @@ import torch
 from atpo_fast import generate, step_stats, token_stats
 from atpo_fast.models import TinyConfig, TinyDiffusionLM
 from atpo_fast.reference import llada_generate
-from atpo_fast.sampler import concat_rollouts, transfer_schedule
+from atpo_fast.sampler import transfer_schedule
+from atpo_fast.trace import concat_rollouts
 from conftest import DEVICE
 
 PROMPTS = ["12+34=", "7*8=", "(3+4)*5=", "1"]
@@ -65,7 +66,8 @@ def test_step_map_and_schedule(model, steps):
     gen_length, block_length = 16, 8
     rollout = generate(model, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
                        attention_mask=mask, temperature=1.0, seed=0)
-    assert (rollout.step_map >= 0).all(), "every response position is committed"
+    assert (rollout.response_steps >= 0).all(), "every response position is committed"
+    assert (rollout.step_map[:, :rollout.prompt_length] == -1).all(), "step_map is -1 on the prompt"
     per_block = steps // (gen_length // block_length)
     schedule = transfer_schedule(torch.full((len(PROMPTS),), block_length), per_block)
     expected = schedule[:, schedule.sum(0) > 0].repeat(1, gen_length // block_length)  # empty steps are skipped
@@ -76,7 +78,8 @@ def test_step_map_and_schedule(model, steps):
     # positions of block j are committed during block j's steps only
     block_of_step = rollout.trace.block
     block_of_position = torch.arange(gen_length) // block_length
-    assert torch.equal(block_of_step[rollout.step_map], block_of_position.expand_as(rollout.step_map))
+    steps_of = rollout.response_steps
+    assert torch.equal(block_of_step[steps_of], block_of_position.expand_as(steps_of))
 
 
 def test_transfer_schedule():
@@ -87,13 +90,13 @@ def test_transfer_schedule():
 def replay(model, rollout, t):
     """The state before step t, and the masks of tokens committed at t and of the block's candidates."""
     response = rollout.response.clone()
-    before = rollout.step_map >= t
+    before = rollout.response_steps >= t
     response[before] = model.mask_id
     tokens = torch.cat([rollout.tokens[:, :rollout.prompt_length], response], 1)
     block = int(rollout.trace.block[t])
-    block_length = rollout.step_map.shape[1] // (int(rollout.trace.block.max()) + 1)
+    block_length = rollout.response_steps.shape[1] // (int(rollout.trace.block.max()) + 1)
     in_block = (torch.arange(response.shape[1]) // block_length) == block
-    return tokens, rollout.step_map == t, before & in_block
+    return tokens, rollout.response_steps == t, before & in_block
 
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
@@ -124,7 +127,7 @@ def test_threshold_mode(model):
     threshold = 0.05
     rollout = generate(model, prompt, gen_length=16, block_length=8, steps=8, attention_mask=mask,
                        threshold=threshold)
-    assert (rollout.step_map >= 0).all()
+    assert (rollout.response_steps >= 0).all()
     trace = rollout.trace
     assert trace.num_steps <= 16
     for t in range(trace.num_steps):
@@ -187,11 +190,11 @@ def test_eos_fill(model):
     kwargs = dict(gen_length=16, block_length=4, steps=16, attention_mask=mask)
     plain = generate(eos_model, prompt, **kwargs)
     filled = generate(eos_model, prompt, eos_fill=True, **kwargs)
-    assert (filled.step_map >= 0).all()
+    assert (filled.response_steps >= 0).all()
     trace = filled.trace
-    assert int(trace.count.sum() + trace.filled.sum()) == filled.step_map.numel()
+    assert int(trace.count.sum() + trace.filled.sum()) == filled.response_steps.numel()
     eos = filled.response == eos_model.eos_id
-    steps = filled.step_map
+    steps = filled.response_steps
     for row in range(len(PROMPTS)):
         for q in eos[row].nonzero().flatten().tolist():
             # every position after an EOS and committed at a later step than it is an EOS
@@ -235,7 +238,7 @@ def test_concat_rollouts_repads_prompts_and_widens_traces(model):
             pad = width - part.prompt_length
             assert torch.equal(joined.tokens[row, pad:], part.tokens[i])
             assert (joined.tokens[row, :pad] == model.pad_id).all() and (joined.attention_mask[row, :pad] == 0).all()
-            assert torch.equal(joined.step_map[row], part.step_map[i])
+            assert torch.equal(joined.step_map[row, pad:], part.step_map[i]) and (joined.step_map[row, :pad] == -1).all()
             steps = part.trace.num_steps
             assert torch.equal(joined.trace.count[row, :steps], part.trace.count[i])
             assert (joined.trace.count[row, steps:] == 0).all() and joined.trace.entropy[row, steps:].isnan().all()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from atpo_fast import build_step_rows
-from atpo_fast.sampler import Trace
+from atpo_fast.trace import Trace
 from atpo_fast.selection import select_steps, step_scores
 
 NAN = float("nan")
@@ -14,7 +14,7 @@ def make_trace(entropy, margin, roec, count) -> Trace:
     entropy, margin, roec = (torch.tensor(v, dtype=torch.float32) for v in (entropy, margin, roec))
     count = torch.tensor(count)
     return Trace(entropy=entropy, margin=margin, roec=roec, candidate_entropy=entropy, candidate_margin=margin,
-                 count=count, filled=torch.zeros_like(count), threshold=torch.zeros_like(entropy),
+                 count=count, filled=torch.zeros_like(count),
                  block=torch.zeros(entropy.shape[1], dtype=torch.int64))
 
 
@@ -115,11 +115,52 @@ def test_bad_arguments(trace, kwargs, match):
         select_steps(trace, **kwargs)
 
 
-@pytest.mark.parametrize("rule", ["random", "hybrid", "entropy"])
-def test_split_batch_selects_like_the_whole(trace, rule):
-    """A data-parallel rank holding rows 1: of the batch (row_offset=1) picks what the whole batch picks
-    for those rows: per-response random draws are keyed by global row, batch averages use every row."""
-    whole = select_steps(trace, 2, rule, per="trajectory" if rule != "random" else "batch", seed=5)
+@pytest.mark.parametrize("rule,per", [("random", "batch"), ("hybrid", "trajectory"), ("entropy", "trajectory")])
+def test_split_batch_selects_like_the_whole_on_own_rows(trace, rule, per):
+    """Rules that need no other rank's rows: a rank holding rows 1: of the batch (row_offset=1) picks
+    what the whole batch picks for those rows (random draws are keyed by the global row)."""
+    whole = select_steps(trace, 2, rule, per=per, seed=5)
     tail = make_trace(*(getattr(trace, f)[1:].tolist() for f in ("entropy", "margin", "roec", "count")))
-    part = select_steps(tail, 2, rule, per="trajectory" if rule != "random" else "batch", seed=5, row_offset=1)
+    part = select_steps(tail, 2, rule, per=per, seed=5, row_offset=1)
     assert torch.equal(part[0], whole[0][1:]) and torch.equal(part[1], whole[1][1:])
+
+
+def _two_rank_selection(rank: int, init_file: str, rules: tuple[str, ...], results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        whole = make_trace(*BATCH_TRACE)
+        mine = make_trace(*(getattr(whole, f)[rank::2].tolist() for f in ("entropy", "margin", "roec", "count")))
+        for rule in rules:
+            results[rank, rule] = select_steps(mine, 2, rule, per="batch", group=dist.group.WORLD, row_offset=rank)
+    finally:
+        dist.destroy_process_group()
+
+
+# four responses whose batch averages differ from either half's: each rank alone would pick other steps
+BATCH_TRACE = ([[1, 2, 3, 4, 5], [5, 1, 1, 1, 1], [2, 1, 3, NAN, NAN], [1, 6, 1, 1, NAN]],
+               [[0.9, 0.5, 0.8, 0.2, 0.6], [0.1, 0.9, 0.9, 0.9, 0.9], [0.7, 0.3, 0.9, NAN, NAN],
+                [0.9, 0.2, 0.9, 0.9, NAN]],
+               [[0, 0.1, 0.4, 0.2, 0.3], [0, 0.9, 0.1, 0.1, 0.1], [0, 0.5, 0.2, NAN, NAN], [0, 0.6, 0.1, 0.3, NAN]],
+               [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [2, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+
+
+def test_batch_average_over_two_ranks_selects_like_the_whole(tmp_path):
+    """per="batch" over two gloo ranks, each holding every other response: both pick the steps the
+    whole batch picks, which neither rank's own rows would give."""
+    import torch.multiprocessing as mp
+
+    rules = ("hybrid", "entropy", "margin")
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_selection, args=(str(tmp_path / "init"), rules, results), nprocs=2)
+    whole_trace = make_trace(*BATCH_TRACE)
+    for rule in rules:
+        whole = select_steps(whole_trace, 2, rule, per="batch")
+        alone = [select_steps(make_trace(*(getattr(whole_trace, f)[rank::2].tolist()
+                                           for f in ("entropy", "margin", "roec", "count"))), 2, rule, per="batch")
+                 for rank in range(2)]
+        assert any(not torch.equal(a[0], whole[0][r::2]) for r, a in enumerate(alone)), (rule, "separates nothing")
+        for rank in range(2):
+            got = results[rank, rule]
+            assert torch.equal(got[0], whole[0][rank::2]) and torch.equal(got[1], whole[1][rank::2]), (rule, rank)

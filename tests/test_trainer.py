@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 import atpo_fast.trainer as trainer_module
+from atpo_fast import checkpoint
 from atpo_fast.cli import eval_main, train_main
 from atpo_fast.config import load_config
-from atpo_fast.trainer import Trainer, train
+from atpo_fast.run import train
+from atpo_fast.trainer import Trainer
 from atpo_fast.warmstart import warm_start
 
 SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
@@ -29,8 +31,9 @@ def small_config(tmp_path, *extra):
 
 
 def test_one_iteration_changes_parameters_and_logs_every_metric(tmp_path):
-    trainer = Trainer(small_config(tmp_path), tmp_path)
-    warm_start(trainer, progress=False)  # the warm-started model answers with digits: rewards spread
+    trainer = Trainer(small_config(tmp_path))
+    # the warm-started model answers with digits: rewards spread
+    warm_start(trainer.model, trainer.task, trainer.config, trainer.device, progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = {}
     for _ in range(3):  # an iteration whose groups all tie carries no signal; three make that vanishingly rare
@@ -84,8 +87,7 @@ def test_nan_loss_skips_updates_and_stops(tmp_path, monkeypatch):
     assert summary["stopped"] and summary["iterations"] < 10
     rows = [m for m in read(Path(summary["run_dir"]) / "metrics.jsonl") if "phase" not in m]
     assert all(m["skipped"].startswith("non-finite") for m in rows if m["rows"] > 0)
-    trainer = Trainer(config, Path(summary["run_dir"]))
-    trainer.load_checkpoint(Path(summary["run_dir"]) / "checkpoint")
+    trainer = checkpoint.load_run(summary["run_dir"])
     assert trainer.iteration == 0, "the last good checkpoint (before the bad iterations) is kept"
 
 
@@ -123,12 +125,12 @@ def test_llada_config_runs_a_stand_in(tmp_path):
 
 def test_checkpoint_restores_the_random_generators(tmp_path):
     config = small_config(tmp_path, "warmstart.steps=0")
-    trainer = Trainer(config, tmp_path)
+    trainer = Trainer(config)
     torch.manual_seed(7)
     random.seed(7)
-    trainer.save_checkpoint()
+    checkpoint.save(trainer, tmp_path / "checkpoint")
     expected = (torch.rand(3), random.random())
     torch.manual_seed(8)
     random.seed(8)
-    trainer.load_checkpoint(tmp_path / "checkpoint")
+    checkpoint.load(trainer, tmp_path / "checkpoint")
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]

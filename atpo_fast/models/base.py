@@ -33,6 +33,14 @@ class DiffusionLM(nn.Module):
         """Token ids of a task prompt, as the model expects it (a chat template for instruct models)."""
         raise NotImplementedError
 
+    def encode_prompts(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids [B, Lp] int64 (pad_id on the left) and their attention mask [B, Lp]."""
+        ids = [self.encode_prompt(t) for t in texts]
+        width = max(map(len, ids))
+        tokens = torch.tensor([[self.pad_id] * (width - len(i)) + i for i in ids], dtype=torch.int64, device=device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], dtype=torch.int64, device=device)
+        return tokens, mask
+
     def decode(self, ids: torch.Tensor) -> str:
         """Text of a response [gen_length], up to its first EOS, special tokens dropped."""
         raise NotImplementedError

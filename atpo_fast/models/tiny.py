@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from atpo_fast.config import DEFAULT_CHARS, TinyConfig
 from atpo_fast.io import atomic_write
 from atpo_fast.models.base import DiffusionLM
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>", "<bos>")
-DEFAULT_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 MODEL_TYPE = "atpo_tiny_dlm"
 
 
@@ -48,18 +48,6 @@ class CharTokenizer:
             if len(SPECIAL_TOKENS) <= i < self.vocab_size:  # ids beyond the alphabet are dropped
                 out.append(self.chars[i - len(SPECIAL_TOKENS)])
         return "".join(out)
-
-
-@dataclasses.dataclass
-class TinyConfig:
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    max_length: int = 160
-    attn_implementation: str = "sdpa"  # or "eager"
-    chars: str = DEFAULT_CHARS
-    vocab_size: int | None = None  # a larger embedding and LM head than the alphabet needs (benchmarks)
 
 
 class TinyDiffusionLM(DiffusionLM):

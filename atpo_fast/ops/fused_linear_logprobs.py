@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from atpo_fast._checks import IGNORE_INDEX, check_backend, check_float, check_targets, check_temperature
-from atpo_fast.ops.torch_stats import working_dtype
+from atpo_fast.ops.token_stats import working_dtype
 
 CUDA_CHUNK_BYTES = 256 * 2**20  # default float32 logits tile on CUDA
 CPU_CHUNK_BYTES = 32 * 2**20  # smaller on CPU: caches are smaller and nothing runs in parallel to hide
@@ -74,7 +74,7 @@ def _tile_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, g: torch
     local: each row's target column in the tile, NO_ONE_HOT when it is elsewhere, -100 (zeros).
     """
     if backend == "triton":
-        from atpo_fast.kernels.logprobs import logprob_backward
+        from atpo_fast.kernels.selected_logprobs import logprob_backward
 
         return logprob_backward(z, local, lse, g, scale)
     gs = (g.to(lse.dtype) * scale).masked_fill(local == IGNORE_INDEX, 0.0)
@@ -85,19 +85,6 @@ def _tile_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, g: torch
     inside = local >= 0
     grad.scatter_add_(1, local.clamp_min(0)[:, None], torch.where(inside, gs, 0.0)[:, None])
     return grad.to(z.dtype)
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with the product kept in acc's (wider) dtype, never rounded to a's dtype first."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:  # bf16/fp16 GEMM accumulating straight into the fp32 buffer (cuBLAS), where torch has it
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-        except (RuntimeError, TypeError):
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # exact upcast; CPU GEMMs have no out_dtype
 
 
 @torch.library.custom_op("atpo_fast::fused_linear_logprobs", mutates_args=())

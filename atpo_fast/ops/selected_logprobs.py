@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 from atpo_fast._checks import IGNORE_INDEX, check_backend, check_logits, check_targets, check_temperature
-from atpo_fast.ops.torch_stats import DEFAULT_CHUNK_ELEMS, softmax_row_stats_torch, working_dtype
+from atpo_fast.ops.token_stats import DEFAULT_CHUNK_ELEMS, softmax_row_stats_torch, working_dtype
 
 
 def logprob_backward_torch(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> torch.Tensor:
-    """Torch twin of kernels.logprobs.logprob_backward, chunked over rows (no [N, V] float32 temporary)."""
+    """Torch twin of kernels.selected_logprobs.logprob_backward, chunked over rows (no [N, V] float32 temporary)."""
     vocab = logits.shape[-1]
     x = logits.reshape(-1, vocab)
     targets, lse, grad_out = targets.reshape(-1), lse.reshape(-1), grad_out.reshape(-1)
@@ -36,13 +36,12 @@ def logprob_backward_torch(
 @torch.library.custom_op("atpo_fast::selected_logprobs", mutates_args=())
 def _forward(logits: torch.Tensor, targets: torch.Tensor, scale: float, with_entropy: bool,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kwargs = dict(scale=scale, targets=targets, top2=False, entropy=with_entropy, lse=True)
     if backend == "triton":
-        from atpo_fast.kernels.token_stats import softmax_row_stats
+        from atpo_fast.kernels.selected_logprobs import logprob_forward
 
-        out = softmax_row_stats(logits, **kwargs)
+        out = logprob_forward(logits, targets, scale, with_entropy)
     else:
-        out = softmax_row_stats_torch(logits, **kwargs)
+        out = softmax_row_stats_torch(logits, scale=scale, targets=targets, top2=False, entropy=with_entropy, lse=True)
     entropy = out["entropy"] if with_entropy else out["lse"].new_empty(0)
     return out["target_logprob"], out["lse"], entropy
 
@@ -59,7 +58,7 @@ def _(logits, targets, scale, with_entropy, backend):
 def _backward(grad_out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: float,
               backend: str) -> torch.Tensor:
     if backend == "triton":
-        from atpo_fast.kernels.logprobs import logprob_backward
+        from atpo_fast.kernels.selected_logprobs import logprob_backward
 
         return logprob_backward(logits, targets, lse, grad_out, scale)
     return logprob_backward_torch(logits, targets, lse, grad_out, scale)

@@ -1,4 +1,5 @@
-"""Backward of selected_logprobs: d log p(target) / d logits, one pass, written in the logits' dtype.
+"""Kernels of selected_logprobs. Forward: the token_stats pass with top-2 and sampling compiled out,
+keeping the log-sum-exp. Backward: d log p(target) / d logits, one pass, written in the logits' dtype:
 
 grad[r, v] = g[r] * scale * (onehot(target[r])[v] - softmax(scale * z[r])[v]), with the softmax
 rebuilt from the saved log-sum-exp; rows whose target is -100 get exact zeros. The programs tile
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_stats import IGNORE_INDEX, LOG2E, _row_start
+from .token_stats import IGNORE_INDEX, LOG2E, _row_start, softmax_row_stats
 from .utils import default_num_warps, row_layout, vocab_split
 
 
@@ -57,6 +58,11 @@ def _logprob_backward_kernel(
         x_t = tl.load(in_ptr + target).to(tl.float32)
         grad_t = g * (1.0 - tl.exp2(tl.fma(x_t, c, -lse2)))
         tl.store(out_ptr + target, grad_t.to(grad_ptr.dtype.element_ty))
+
+
+def logprob_forward(logits: torch.Tensor, targets: torch.Tensor, scale: float, entropy: bool) -> dict:
+    """log p(target), the log-sum-exp of scale * logits (and the entropy if asked), each float32 [N]."""
+    return softmax_row_stats(logits, scale=scale, targets=targets, top2=False, entropy=entropy, lse=True)
 
 
 def logprob_backward(

@@ -1,0 +1,135 @@
+"""Checkpoints of a training run, and the one way to load a run folder back.
+
+A checkpoint is a torch.distributed.checkpoint (DCP) folder: the model, the optimizer state and the
+trainer's own state (iteration, bad-iteration count, scheduler, random generators) as DCP stores
+them, so a run written by any number of ranks resumes on any other number. Writes are atomic:
+every rank writes into path.tmp, then rank 0 swaps it in; the previous checkpoint survives as
+path.old until the swap is done, and a reader falls back on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from atpo_fast.distributed import Dist
+
+if TYPE_CHECKING:
+    from atpo_fast.trainer import Trainer
+
+CHECKPOINT = "checkpoint"  # the checkpoint folder inside a run folder
+CONFIG = "config.yaml"  # the run's resolved config inside a run folder
+
+
+def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> None:
+    """Write model, optimizer and `extra` (numbers, strings, tensors, nested dicts of them) at path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if hasattr(model, "reshard"):
+        model.reshard()  # FSDP2 state dicts are built from the shards
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    d.barrier()
+    # an optimizer that has not stepped yet is left out: asking DCP for its state would initialise it
+    # with a zero-gradient step, and AdamW's bias correction would then count one step too many
+    state = {"model": get_model_state_dict(model), "extra": {**extra, "has_optimizer_state": bool(optimizer.state)}}
+    if optimizer.state:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    with _single_process_quiet(d):
+        dcp.save(state, checkpoint_id=str(tmp))
+    d.barrier()
+    if d.main:
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+
+
+def find(path: Path) -> Path | None:
+    """The complete checkpoint folder at path (or its .old copy, if a swap was interrupted), else None."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / ".metadata").is_file():
+            return candidate
+    return None
+
+
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> dict:
+    """Load what save_state wrote, with any number of ranks. `extra` is the template of the values to
+    read back (its keys; tensors of the right shape; None for other objects); returns their saved values."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    found = find(path)
+    if found is None:
+        raise ValueError(f"no checkpoint at {path}")
+    state = {"extra": {**extra, "has_optimizer_state": False}}
+    with _single_process_quiet(d):
+        dcp.load(state, checkpoint_id=str(found))
+        state["model"] = get_model_state_dict(model)
+        if state["extra"]["has_optimizer_state"]:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
+    set_model_state_dict(model, state["model"])
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return {k: v for k, v in state["extra"].items() if k in extra}
+
+
+def save(trainer: Trainer, path: Path) -> None:
+    """The trainer's model, optimizer, scheduler, counters and random generator states (rank 0's).
+    The trainer's own randomness is derived from (seed, iteration); the generator states are restored
+    for code that draws from them."""
+    cuda = tuple(s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    extra = {"iteration": trainer.iteration, "bad_iters": trainer.bad_iters,
+             "scheduler": trainer.scheduler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}}
+    save_state(path, trainer.model, trainer.optimizer, extra, trainer.dist)
+
+
+def load(trainer: Trainer, path: Path) -> None:
+    """Restore what `save` wrote (by any number of ranks) into the trainer."""
+    template = {"iteration": 0, "bad_iters": 0, "scheduler": trainer.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": None, "cuda": None}}
+    extra = load_state(path, trainer.model, trainer.optimizer, template, trainer.dist)
+    trainer.iteration, trainer.bad_iters = int(extra["iteration"]), int(extra["bad_iters"])
+    trainer.scheduler.load_state_dict(extra["scheduler"])
+    rng = extra["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in rng["cuda"]])
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
+    """A Trainer for a run folder: its config (with overrides) and its last checkpoint."""
+    from atpo_fast.config import load_config
+    from atpo_fast.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    if find(run_dir / CHECKPOINT) is None:
+        raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
+    trainer = Trainer(load_config(run_dir / CONFIG, overrides))
+    load(trainer, run_dir / CHECKPOINT)
+    return trainer
+
+
+@contextlib.contextmanager
+def _single_process_quiet(d: Dist):
+    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
+    with warnings.catch_warnings():
+        if d.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

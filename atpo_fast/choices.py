@@ -1,0 +1,24 @@
+"""The named choices of the public API and the run config, defined once (imported by both)."""
+
+from typing import Literal, get_args
+
+Backend = Literal["auto", "triton", "torch"]  # kernels: Triton on CUDA tensors (auto), or the torch path
+Device = Literal["auto", "cpu", "cuda"]
+ModelKind = Literal["tiny", "llada", "dream"]
+ModelDtype = Literal["float32", "bfloat16"]
+Remasking = Literal["low_confidence", "margin", "entropy", "random"]
+Rule = Literal["uniform", "random", "entropy", "margin", "roec", "hybrid"]
+Mode = Literal["select", "partition"]
+Per = Literal["batch", "trajectory"]
+TokenSet = Literal["committed", "masked"]
+Strategy = Literal["ddp", "fsdp"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+
+BACKENDS = get_args(Backend)
+REMASKING_RULES = get_args(Remasking)
+RULES = get_args(Rule)
+MODES = get_args(Mode)
+PERS = get_args(Per)
+TOKEN_SETS = get_args(TokenSet)
+STRATEGIES = get_args(Strategy)
+DIST_BACKENDS = get_args(DistBackend)
