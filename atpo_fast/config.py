@@ -276,6 +276,27 @@ def _set(data: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def read_yaml(path: Path, depth: int = 0) -> dict:
+    """A YAML config file's mapping; `extends: other.yaml` (beside it) is read first and then overridden."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if depth >= 8 or not (path.parent / parent).is_file():
+        raise ValueError(f"config file {str(path)!r}: extends {parent!r} names no config file beside it (or loops)")
+    return _merged(read_yaml(path.parent / parent, depth + 1), data)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """base with top's keys over it, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """A TrainConfig from defaults, then the YAML file (or `base`), then `key=value` overrides."""
     data: dict = dict(base or {})
@@ -283,7 +304,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")

@@ -45,7 +45,8 @@ def plot_confusion_zones(path: Path, curves: dict) -> None:
         values = curves[name].float()
         steps = torch.arange(values.shape[1])
         for label, rows, color in (("correct", correct, "tab:green"), ("wrong", ~correct, "tab:red")):
-            ax.plot(steps.numpy(), column_means(values[rows]).numpy(), color=color, label=f"{label} ({int(rows.sum())})")
+            ax.plot(steps.numpy(), column_means(values[rows]).numpy(), color=color,
+                    label=f"{label} ({int(rows.sum())})")
         ax.set_title(name if name != "margin" else "margin (p1 - p2)")
         ax.set_xlabel("denoising step")
         ax.grid(alpha=0.3)

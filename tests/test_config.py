@@ -1,5 +1,6 @@
 """Run configuration: YAML files, command-line overrides, and errors that name the key."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def test_overrides_and_round_trip(tmp_path):
 def test_bad_keys_and_values(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, overrides)
+
+
+def test_extends(tmp_path):
+    dream = load_config(CONFIGS / "dream.yaml", ["device=cpu", f"model.path={tmp_path}", "task.data=x.jsonl"])
+    llada = load_config(CONFIGS / "llada.yaml", ["device=cpu", f"model.path={tmp_path}", "task.data=x.jsonl"])
+    assert dream.model.kind == "dream" and dataclasses.replace(dream, model=llada.model) == llada
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match=r"extends '.\.yaml' names no config file beside it \(or loops\)"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_missing_file():

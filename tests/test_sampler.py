@@ -238,7 +238,8 @@ def test_concat_rollouts_repads_prompts_and_widens_traces(model):
             pad = width - part.prompt_length
             assert torch.equal(joined.tokens[row, pad:], part.tokens[i])
             assert (joined.tokens[row, :pad] == model.pad_id).all() and (joined.attention_mask[row, :pad] == 0).all()
-            assert torch.equal(joined.step_map[row, pad:], part.step_map[i]) and (joined.step_map[row, :pad] == -1).all()
+            assert torch.equal(joined.step_map[row, pad:], part.step_map[i])
+            assert (joined.step_map[row, :pad] == -1).all()
             steps = part.trace.num_steps
             assert torch.equal(joined.trace.count[row, :steps], part.trace.count[i])
             assert (joined.trace.count[row, steps:] == 0).all() and joined.trace.entropy[row, steps:].isnan().all()
