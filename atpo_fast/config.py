@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from atpo_fast.choices import (Backend, Device, DistBackend, Mode, ModelDtype, ModelKind, Per, Remasking, Rule,
-                               Strategy, TokenSet)
+from atpo_fast.choices import (Backend, Cache, Device, DistBackend, Implementation, Mode, ModelDtype, ModelKind,
+                               Per, Remasking, Rule, Strategy, TokenSet)
 
 DEFAULT_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"  # the tiny model's alphabet
 
@@ -42,6 +42,7 @@ class ModelConfig:
     kind: ModelKind = "tiny"  # the built-in tiny model, or a pretrained LLaDA / Dream from model.path
     path: Optional[str] = None  # local folder of weights (required for llada / dream; optional for tiny)
     dtype: ModelDtype = "float32"  # llada / dream parameter dtype (CUDA runs use bf16 autocast either way)
+    implementation: Implementation = "native"  # llada / dream: transformers' Llama / Qwen2, or the folder's code
     attn_implementation: Optional[str] = None  # llada / dream: e.g. flash_attention_2, when installed
     tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)  # the tiny model's shape
 
@@ -63,6 +64,8 @@ class SamplerConfig:
     threshold: Optional[float] = None  # commit every token above this confidence (low_confidence / margin)
     eos_fill: bool = False  # once EOS is committed, fill the rest of the response with EOS in bulk
     prompts_per_call: Optional[int] = None  # prompts per generate call (None: a rank's whole share at once)
+    cache: Cache = "none"  # block KV cache: none (exact), prefix or dual (Fast-dLLM's; faster, approximate)
+    cache_refresh: Optional[int] = None  # remake the cache every n steps of a block (None: once per block)
 
 
 @dataclasses.dataclass
@@ -179,6 +182,7 @@ def check_values(config: TrainConfig) -> None:
     need(o.group_size >= 2, "optim.group_size", "an int >= 2 (advantages compare responses to one prompt)")
     need(e.pass_k == 0 or e.pass_temperature > 0, "eval.pass_temperature", "a number > 0 when eval.pass_k > 0")
     need(s.prompts_per_call is None or s.prompts_per_call >= 1, "sampler.prompts_per_call", "an int >= 1 or null")
+    need(s.cache_refresh is None or s.cache_refresh >= 1, "sampler.cache_refresh", "an int >= 1 or null")
     need(m.tiny.vocab_size is None or m.tiny.vocab_size >= 4 + len(m.tiny.chars), "model.tiny.vocab_size",
          f"null or an int >= {4 + len(m.tiny.chars)} (the alphabet and four special tokens)")
     need(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
@@ -192,6 +196,8 @@ def check_values(config: TrainConfig) -> None:
         need(0 < s.threshold <= 1, "sampler.threshold", "null or a number in (0, 1]")
         need(s.remasking in ("low_confidence", "margin"), "sampler.remasking",
              "'low_confidence' or 'margin' when sampler.threshold is set")
+    need(s.cache == "none" or m.kind == "tiny" or m.implementation == "native", "sampler.cache",
+         "'none' with model.implementation='remote' (a KV cache needs the native model)")
     if m.kind == "tiny":
         need(m.dtype == "float32", "model.dtype", "'float32' for the tiny model (it trains in float32)")
     else:

@@ -13,9 +13,10 @@ import dataclasses
 import torch
 
 from atpo_fast._checks import check_temperature
-from atpo_fast.choices import REMASKING_RULES
+from atpo_fast.choices import CACHE_MODES, REMASKING_RULES
 from atpo_fast.distributed import all_reduce
 from atpo_fast.models.base import DiffusionLM
+from atpo_fast.models.kv_cache import BlockCache
 from atpo_fast.ops.step_stats import step_stats
 from atpo_fast.ops.token_stats import token_stats
 from atpo_fast.trace import Rollout, Trace
@@ -72,15 +73,20 @@ class StepDecision:
 
 def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
                  k: torch.Tensor | None, *, threshold: float | None, temperature: float, remasking: str,
-                 seed: int | None, generator: torch.Generator | None, backend: str) -> StepDecision:
+                 seed: int | None, generator: torch.Generator | None, backend: str,
+                 block_cache: BlockCache | None = None) -> StepDecision:
     """One step on the block tokens[:, window]: forward, stats of its masked positions, commit decision.
 
     k [B]: how many to commit per sequence (schedule mode); with threshold, every candidate whose
     confidence is >= threshold and at least the best one. The LM head runs on the candidates only.
+    block_cache: the block's KV cache (generate's cache="prefix" / "dual"), or None for a full forward.
     """
     candidates = tokens[:, window] == model.mask_id
     b_idx, p_idx = candidates.nonzero(as_tuple=True)
-    logits = model.logits_at(tokens, attention_mask, b_idx, p_idx + window.start)
+    if block_cache is not None:
+        logits = block_cache.logits_at(tokens, b_idx, p_idx + window.start)
+    else:
+        logits = model.logits_at(tokens, attention_mask, b_idx, p_idx + window.start)
     logits[:, model.mask_id] = float("-inf")  # [MASK] is never a prediction
     stats = token_stats(logits, temperature=temperature, seed=seed, backend=backend)
     if bool((stats.sampled < 0).any()):
@@ -147,6 +153,8 @@ def generate(
     record: bool = True,
     backend: str = "auto",
     process_group=None,
+    cache: str = "none",
+    cache_refresh: int | None = None,
 ) -> Rollout:
     """Unmask a response of gen_length tokens after prompt_ids [B, Lp] (left-padded, with attention_mask).
 
@@ -161,9 +169,16 @@ def generate(
     at that step. seed makes sampling and random remasking repeatable. record=False skips the trace
     (Rollout.trace is None). process_group (torch.distributed): a step is skipped only where it
     would commit nothing on every rank, so all ranks run the same forwards (FSDP needs that) and
-    record the same steps.
+    record the same steps. cache: "none" (a full forward per step, exact), "prefix" or "dual" (block
+    KV caches, models/kv_cache.py: a full forward when a block starts, then the block's queries only);
+    cache_refresh=n makes that full forward again every n steps of a block (n = 1: the exact sampler).
     """
     _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold)
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache_refresh is not None and (isinstance(cache_refresh, bool) or not isinstance(cache_refresh, int)
+                                      or cache_refresh < 1):
+        raise ValueError(f"cache_refresh must be a positive int or None, got {cache_refresh!r}")
     temperature = check_temperature(temperature, allow_zero=True)
     if eos_fill and model.eos_id is None:
         raise ValueError("eos_fill needs a model with an eos_id")
@@ -185,6 +200,7 @@ def generate(
     for block in range(num_blocks):
         window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
         schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)
+        block_cache, cached_steps = None, 0  # the cache is made at the block's first step that runs
         for i in range(block_length if threshold is not None else steps_per_block):
             candidates = tokens[:, window] == model.mask_id
             k = None
@@ -195,8 +211,12 @@ def generate(
             elif not _on_any_rank(bool(candidates.any()), device, process_group):
                 break
             step_seed = None if seed is None else (seed * 1_000_003 + step) % 2**62
+            if cache != "none" and (block_cache is None or cached_steps == cache_refresh):
+                block_cache, cached_steps = BlockCache(model, tokens, model_mask, window, cache), 0
+            cached_steps += 1
             decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
-                                    remasking=remasking, seed=step_seed, generator=generator, backend=backend)
+                                    remasking=remasking, seed=step_seed, generator=generator, backend=backend,
+                                    block_cache=block_cache)
             tokens[:, window] = torch.where(decision.commit, decision.tokens, tokens[:, window])
             step_map[:, window][decision.commit] = step
             filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill

@@ -58,7 +58,7 @@ def build_model(config: TrainConfig, device: torch.device) -> DiffusionLM:
         torch.manual_seed(derive_seed(config.warmstart.seed, "init"))
         return TinyDiffusionLM(m.tiny).to(device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m.dtype]
-    return load_hf_diffusion_lm(m.path, m.kind, dtype=dtype, device=str(device),
+    return load_hf_diffusion_lm(m.path, m.kind, dtype=dtype, device=str(device), implementation=m.implementation,
                                 attn_implementation=m.attn_implementation)
 
 
@@ -281,7 +281,8 @@ class Trainer:
                                       steps=s.steps, temperature=temperature, remasking=s.remasking,
                                       threshold=s.threshold, attention_mask=mask, seed=seed + first_prompt + i,
                                       eos_fill=s.eos_fill, backend=self.config.backend,
-                                      process_group=self.dist.group))
+                                      process_group=self.dist.group, cache=s.cache,
+                                      cache_refresh=s.cache_refresh))
         return concat_rollouts(parts, self.model.pad_id)
 
     def score(self, examples: list[Example], repeats: int, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

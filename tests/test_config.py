@@ -90,6 +90,9 @@ def test_missing_file():
     ("task.name=sudoku9", "'task.name' expects one of"),
     ("task.name=jsonl", "'task.data' expects a JSONL file"),
     ("eval.pass_k=-1", "'eval.pass_k' expects an int >= 0"),
+    ("sampler.cache=full", "'sampler.cache' expects one of 'none', 'prefix', 'dual'"),
+    ("sampler.cache_refresh=0", "'sampler.cache_refresh' expects an int >= 1 or null"),
+    ("model.implementation=hub", "'model.implementation' expects one of 'native', 'remote'"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
@@ -101,6 +104,9 @@ def test_cross_field_rules(tmp_path, monkeypatch):
         load_config(None, ["sampler.threshold=0.9", "sampler.remasking=random"])
     with pytest.raises(ValueError, match="'warmstart.steps' expects 0 for model.kind='dream'"):
         load_config(None, ["model.kind=dream", f"model.path={tmp_path}"])
+    with pytest.raises(ValueError, match="'sampler.cache' expects 'none' with model.implementation='remote'"):
+        load_config(None, ["model.kind=llada", f"model.path={tmp_path}", "warmstart.steps=0",
+                           "model.implementation=remote", "sampler.cache=dual"])
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=r"'optim.prompts_per_iter' expects a multiple of the number of ranks \(3\)"):
         load_config(None)

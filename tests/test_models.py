@@ -96,7 +96,8 @@ def padded_batch(vocab):
 
 
 def test_llada_adapter(llada_dir):
-    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu").eval()
+    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu",
+                                 implementation="remote").eval()
     assert (model.mask_id, model.vocab_size, model.shift, model.eos_id) == (126336, 126464, False, 2)
     ids, mask = padded_batch(model.vocab_size)
     raw = model.model(input_ids=ids, attention_mask=mask).logits
@@ -109,7 +110,8 @@ def test_llada_adapter(llada_dir):
 
 
 def test_dream_adapter_shift_and_mask(dream_dir):
-    model = load_hf_diffusion_lm(str(dream_dir), "dream", dtype=torch.float32, device="cpu").eval()
+    model = load_hf_diffusion_lm(str(dream_dir), "dream", dtype=torch.float32, device="cpu",
+                                 implementation="remote").eval()
     assert (model.mask_id, model.vocab_size, model.shift) == (151666, 152064, True)
     ids, mask = padded_batch(model.vocab_size)
     real = mask.bool()
@@ -121,7 +123,8 @@ def test_dream_adapter_shift_and_mask(dream_dir):
 
 
 def test_generate_with_a_llada_stand_in(llada_dir):
-    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu").eval()
+    model = load_hf_diffusion_lm(str(llada_dir), "llada", dtype=torch.float32, device="cpu",
+                                 implementation="remote").eval()
     prompt, mask = padded_batch(model.vocab_size)
     rollout = generate(model, prompt, gen_length=8, block_length=4, steps=4, attention_mask=mask)
     assert (rollout.response_steps >= 0).all() and (rollout.response != model.mask_id).all()
@@ -129,13 +132,13 @@ def test_generate_with_a_llada_stand_in(llada_dir):
 
 def test_loader_errors(tmp_path, dream_dir):
     with pytest.raises(ValueError, match="does not exist or is not a folder"):
-        load_hf_diffusion_lm(str(tmp_path / "missing"), "llada", device="cpu")
+        load_hf_diffusion_lm(str(tmp_path / "missing"), "llada", device="cpu", implementation="remote")
     with pytest.raises(ValueError, match="holds no config.json"):
-        load_hf_diffusion_lm(str(tmp_path), "llada", device="cpu")
+        load_hf_diffusion_lm(str(tmp_path), "llada", device="cpu", implementation="remote")
     with pytest.raises(ValueError, match="is not a llada model: config.json model_type is 'Dream'"):
-        load_hf_diffusion_lm(str(dream_dir), "llada", device="cpu")
+        load_hf_diffusion_lm(str(dream_dir), "llada", device="cpu", implementation="remote")
     with pytest.raises(ValueError, match="family must be one of"):
-        load_hf_diffusion_lm(str(dream_dir), "gpt", device="cpu")
+        load_hf_diffusion_lm(str(dream_dir), "gpt", device="cpu", implementation="remote")
     try:
         import flash_attn  # noqa: F401
     except ImportError:

@@ -51,12 +51,13 @@ def test_matches_llada_reference(model64, gen_length, block_length, steps):
     assert torch.equal(rollout.tokens, llada_generate(model64, prompt, gen_length, block_length, steps, mask))
 
 
-def test_padding_does_not_change_the_answer(model64):
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_padding_does_not_change_the_answer(model64, cache):
     prompt, mask = left_padded(model64.tokenizer, PROMPTS)
-    batch = generate(model64, prompt, gen_length=12, block_length=4, steps=6, attention_mask=mask)
+    batch = generate(model64, prompt, gen_length=12, block_length=4, steps=6, attention_mask=mask, cache=cache)
     for row, text in enumerate(PROMPTS):
         alone = torch.tensor([model64.tokenizer.encode(text)])
-        single = generate(model64, alone, gen_length=12, block_length=4, steps=6)
+        single = generate(model64, alone, gen_length=12, block_length=4, steps=6, cache=cache)
         assert torch.equal(single.response[0], batch.response[row])
 
 

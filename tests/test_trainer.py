@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 import atpo_fast.trainer as trainer_module
@@ -106,17 +107,25 @@ def test_console_scripts(tmp_path, capsys):
     assert eval_main([str(tmp_path / "missing")]) == 2
 
 
-def test_llada_config_runs_a_stand_in(tmp_path):
-    """configs/llada.yaml with --model and --task jsonl, wired end to end on a tiny LLaDA stand-in (CPU)."""
+@pytest.mark.parametrize("implementation", ["native", "remote"])
+def test_llada_config_runs_a_small_checkpoint(tmp_path, gen, implementation):
+    """configs/llada.yaml with --model and --task jsonl, wired end to end on CPU: a tiny checkpoint in
+    LLaDA's layout (native), or a stand-in with its own modeling file (remote)."""
     from test_models import make_checkpoint
+    from test_native import write_checkpoint
 
-    model_dir = make_checkpoint(tmp_path / "llada", "llada", vocab=126464, shift=False, four_d=False)
+    model_dir = tmp_path / "llada"
+    if implementation == "native":
+        write_checkpoint(model_dir, "llada", gen)
+    else:
+        make_checkpoint(model_dir, "llada", vocab=126464, shift=False, four_d=False)
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"w{i} w3", "answer": f"#### {i}"}) + "\n" for i in range(12)))
     argv = ["--config", "configs/llada.yaml", "--model", str(model_dir), "--task", "jsonl", "--data", str(data),
             "--quiet", "--name", "llada", "device=cpu", "model.dtype=float32", f"logging.run_dir={tmp_path}",
             "sampler.gen_length=8", "sampler.block_length=4", "sampler.steps=4", "optim.iterations=1",
-            "optim.prompts_per_iter=2", "optim.group_size=2", "selection.budget=2", "eval.size=2"]
+            "optim.prompts_per_iter=2", "optim.group_size=2", "selection.budget=2", "eval.size=2",
+            f"model.implementation={implementation}"]
     assert train_main(argv) == 0
     config = load_config(tmp_path / "llada" / "config.yaml")
     assert (config.model.kind, config.model.path, config.task.data) == ("llada", str(model_dir), str(data))

@@ -9,6 +9,44 @@ from torch import nn
 from atpo_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 
 
+def bidirectional(backbone: nn.Module) -> nn.Module:
+    """A transformers decoder stack with every causal flag off (no layer may fall back to a causal kernel)."""
+    for module in backbone.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return backbone
+
+
+def bidirectional_hidden_states(backbone: nn.Module, input_ids: torch.Tensor,
+                                attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states [B, L, D] of a bidirectional transformers stack for left-padded input_ids [B, L]:
+    every position attends to every real token (a [B, 1, L, L] key mask), and positions count from
+    each row's first real token, so a padded row computes what it computes alone."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keys = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return backbone(input_ids=input_ids, attention_mask=keys, position_ids=positions).last_hidden_state
+
+
+def encode_with_chat_template(tokenizer, text: str) -> list[int]:
+    """A task prompt as a transformers tokenizer's chat template lays out one user turn (plain text
+    encoding when the tokenizer has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True))
+    return tokenizer.encode(text)
+
+
+def decode_until_eos(tokenizer, ids: torch.Tensor, eos_id: int | None) -> str:
+    """Text of a response's ids [gen_length] up to its first EOS, special tokens dropped."""
+    ids = ids.tolist()
+    if eos_id is not None and eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class DiffusionLM(nn.Module):
     """A bidirectional model that predicts the tokens at [MASK] positions.
 

@@ -1,4 +1,5 @@
-"""Adapters for pretrained dLLMs loaded with transformers from a local folder: LLaDA and Dream.
+"""Pretrained dLLMs from a local folder, LLaDA and Dream: the loader, and the adapter of the remote
+path (the folder's own modeling file through AutoModel; the native path is models/native.py).
 
 Hidden states are taken by running the model with its LM head swapped for an identity, so the
 [B, L, V] logits are never computed; the sampler and the trainer apply the head where needed.
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from atpo_fast.models.base import DiffusionLM
+from atpo_fast.choices import IMPLEMENTATIONS
+from atpo_fast.models.base import DiffusionLM, decode_until_eos, encode_with_chat_template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +71,10 @@ class HFDiffusionLM(DiffusionLM):
     def encode_prompt(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError(f"the {self.family.name} model was loaded without a tokenizer")
-        if getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                           add_generation_prompt=True, tokenize=True))
-        return self.tokenizer.encode(text)
+        return encode_with_chat_template(self.tokenizer, text)
 
     def decode(self, ids: torch.Tensor) -> str:
-        ids = ids.tolist()
-        if self.eos_id is not None and self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode_until_eos(self.tokenizer, ids, self.eos_id)
 
     def _hidden_states(self, input_ids, attention_mask):
         kwargs = {}
@@ -98,10 +94,18 @@ class HFDiffusionLM(DiffusionLM):
 
 
 def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
-                         attn_implementation: str | None = None) -> HFDiffusionLM:
-    """Load a LLaDA or Dream checkpoint from the local folder `path` (no download)."""
+                         implementation: str = "native", attn_implementation: str | None = None) -> DiffusionLM:
+    """Load a LLaDA or Dream checkpoint from the local folder `path` (no download).
+
+    implementation "native" (the default): transformers' own Llama / Qwen2 stack with bidirectional
+    attention, built from config.json and the safetensors shards (models/native.py; no remote code).
+    "remote": AutoModel with trust_remote_code, running the modeling file shipped in the folder.
+    attn_implementation: transformers' attention kernel (sdpa by default; flash_attention_2 when installed).
+    """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     fam = FAMILIES[family]
     folder = Path(path)
     if not folder.is_dir():
@@ -109,7 +113,8 @@ def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.b
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model path {str(path)!r} holds no config.json: not a transformers checkpoint")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
     if model_type not in fam.model_types:
         raise ValueError(f"model path {str(path)!r} is not a {family} model: config.json model_type is "
                          f"{model_type!r}, expected one of {list(fam.model_types)}")
@@ -118,6 +123,10 @@ def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.b
             import flash_attn  # noqa: F401
         except ImportError as err:
             raise ValueError("attn_implementation='flash_attention_2' needs the optional flash-attn package") from err
+    if implementation == "native":
+        from atpo_fast.models.native import load_native
+
+        return load_native(folder, fam, config, dtype, device, attn_implementation)
     from transformers import AutoModel, AutoTokenizer
 
     kwargs = {"trust_remote_code": True, "dtype": dtype, "local_files_only": True}

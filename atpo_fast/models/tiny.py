@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from atpo_fast.config import DEFAULT_CHARS, TinyConfig
 from atpo_fast.io import atomic_write
-from atpo_fast.models.base import DiffusionLM
+from atpo_fast.models.base import DiffusionLM, bidirectional, bidirectional_hidden_states
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>", "<bos>")
 MODEL_TYPE = "atpo_tiny_dlm"
@@ -75,10 +75,7 @@ class TinyDiffusionLM(DiffusionLM):
             tie_word_embeddings=False,
         )
         llama._attn_implementation = config.attn_implementation
-        self.backbone = LlamaModel(llama)
-        for module in self.backbone.modules():  # bidirectional: no layer may fall back to a causal kernel
-            if hasattr(module, "is_causal"):
-                module.is_causal = False
+        self.backbone = bidirectional(LlamaModel(llama))
         self.head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
 
     @property
@@ -92,12 +89,7 @@ class TinyDiffusionLM(DiffusionLM):
         return self.tokenizer.decode(ids)
 
     def _hidden_states(self, input_ids, attention_mask):
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        keys = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)  # attend to real tokens
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self.backbone(input_ids=input_ids, attention_mask=keys, position_ids=positions).last_hidden_state
+        return bidirectional_hidden_states(self.backbone, input_ids, attention_mask)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json and model.safetensors into the folder `path`, each atomically."""

@@ -1,0 +1,83 @@
+"""Block KV caches for batched rollouts (Fast-dLLM's prefix and dual caches), on any DiffusionLM whose
+`backbone` is a transformers decoder stack run bidirectionally (the tiny model and the native
+LLaDA / Dream loaders).
+
+When a block starts, one full forward over the whole sequence gives the first step's predictions
+and every layer's keys and values. The cache keeps those of the positions outside the steps'
+queries: "prefix" keeps the positions before the block and recomputes the block and everything
+after it at each step; "dual" also keeps the positions after the block and recomputes the block
+alone. The kept keys and values are those of the block's first state, so later steps of the block
+see a slightly stale context (the method's approximation; "none" is exact). Every row of a batch
+is handled at once: left padding stays masked and positions count from each row's first real
+token, as in the full forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from atpo_fast.choices import CACHE_MODES
+from atpo_fast.models.base import DiffusionLM
+
+
+class BlockCache:
+    """Keys and values outside one block's queries, for the steps of that block.
+
+    tokens [B, L] int64 (the state when the block starts), attention_mask [B, L] or None (1 = real),
+    window: the block's positions. logits_at answers the first call from the full forward and
+    later ones from a forward over the query positions only.
+    """
+
+    def __init__(self, model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
+                 mode: str):
+        if mode not in CACHE_MODES or mode == "none":
+            raise ValueError(f"cache must be one of {CACHE_MODES[1:]} for a BlockCache, got {mode!r}")
+        backbone = getattr(model, "backbone", None)
+        if backbone is None or not hasattr(backbone, "config"):
+            raise ValueError(f"a KV cache needs a model with a transformers backbone (the tiny model, or LLaDA / "
+                             f"Dream loaded with implementation='native'); {type(model).__name__} has none")
+        from transformers import DynamicCache
+
+        self.model, self.backbone = model, backbone
+        batch, length = tokens.shape
+        self.mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+        self.positions = (self.mask.long().cumsum(-1) - 1).clamp_min(0)
+        # queries: the block (from one position earlier when position i predicts token i + 1), plus the
+        # rest of the sequence for the prefix cache
+        self.q0 = max(window.start - int(model.shift), 0)
+        self.q1 = window.stop if mode == "dual" else length
+        kept = torch.cat([torch.arange(self.q0), torch.arange(self.q1, length)]).to(tokens.device)
+        cache = DynamicCache()
+        keys = self.mask.bool()[:, None, None, :].expand(batch, 1, length, length)
+        # transformers renamed forward's past_key_values to cache (5.2x); pass it under the name this one takes
+        self.cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        full = backbone(input_ids=tokens, attention_mask=keys, position_ids=self.positions, use_cache=True,
+                        **{self.cache_arg: cache}).last_hidden_state
+        self.first_hidden = self._realign(full)  # answers the block's first step exactly
+        self.kept = [(layer.keys[:, :, kept], layer.values[:, :, kept]) for layer in cache.layers]
+        self.kept_mask = self.mask[:, kept].bool()
+
+    def _realign(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Index i predicts token i (DiffusionLM.hidden_states' convention for shifted models)."""
+        return torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1) if self.model.shift else hidden
+
+    def logits_at(self, tokens: torch.Tensor, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [R, V] at (batch_index[r], positions[r]), positions inside the block."""
+        if self.first_hidden is not None:
+            hidden, self.first_hidden = self.first_hidden[batch_index, positions], None
+        else:
+            from transformers import DynamicCache
+
+            batch, queries = tokens.shape[0], self.q1 - self.q0
+            keys = torch.cat([self.kept_mask, self.mask[:, self.q0:self.q1].bool()], dim=1)
+            out = self.backbone(input_ids=tokens[:, self.q0:self.q1],
+                                attention_mask=keys[:, None, None, :].expand(batch, 1, queries, keys.shape[1]),
+                                position_ids=self.positions[:, self.q0:self.q1],
+                                use_cache=True, **{self.cache_arg: DynamicCache(ddp_cache_data=self.kept)})
+            raw = (positions - int(self.model.shift)).clamp_min(0)  # the query that predicts each position
+            hidden = out.last_hidden_state[batch_index, raw - self.q0]
+        head = self.model.lm_head
+        return F.linear(hidden, head.weight, head.bias)
