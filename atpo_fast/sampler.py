@@ -69,6 +69,7 @@ class StepDecision:
     tokens: torch.Tensor  # int64: the predicted token at each candidate (mask_id elsewhere)
     entropy: torch.Tensor  # per-candidate statistics (NaN off the candidates)
     margin: torch.Tensor
+    logprob: torch.Tensor  # log p of the predicted token under the untempered softmax (NaN off the candidates)
 
 
 def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
@@ -88,9 +89,7 @@ def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch
     else:
         logits = model.logits_at(tokens, attention_mask, b_idx, p_idx + window.start)
     logits[:, model.mask_id] = float("-inf")  # [MASK] is never a prediction
-    stats = token_stats(logits, temperature=temperature, seed=seed, backend=backend)
-    if bool((stats.sampled < 0).any()):
-        raise RuntimeError("the model produced NaN or infinite logits")
+    stats = token_stats(logits, temperature=temperature, seed=seed, backend=backend)  # NaN rows: sampled -1
     score = {
         "low_confidence": lambda: stats.sampled_prob, "margin": lambda: stats.margin, "entropy": lambda: -stats.entropy,
         "random": lambda: torch.rand(stats.entropy.shape, generator=generator, device=tokens.device),
@@ -105,7 +104,8 @@ def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch
         commit = (confidence >= threshold) | (best & candidates)
     return StepDecision(commit, _scatter(stats.sampled, b_idx, p_idx, shape, model.mask_id),
                         _scatter(stats.entropy, b_idx, p_idx, shape, float("nan")),
-                        _scatter(stats.margin, b_idx, p_idx, shape, float("nan")))
+                        _scatter(stats.margin, b_idx, p_idx, shape, float("nan")),
+                        _scatter(stats.sampled_prob.log(), b_idx, p_idx, shape, float("nan")))
 
 
 class _TraceRecorder:
@@ -191,6 +191,7 @@ def generate(
         full_mask[:, :prompt_len] = attention_mask
     model_mask = full_mask if attention_mask is not None else None  # no mask at all when nothing is padded
     step_map = torch.full((batch, prompt_len + gen_length), -1, dtype=torch.int64, device=device)
+    commit_logprob = torch.full(step_map.shape, float("nan"), device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     recorder = _TraceRecorder() if record else None
     no_fill = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -201,12 +202,20 @@ def generate(
         window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
         schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)
         block_cache, cached_steps = None, 0  # the cache is made at the block's first step that runs
+        # which scheduled steps commit anything anywhere, read once per block (eos_fill can empty a block
+        # early, so then each step asks)
+        step_runs = None
+        if threshold is None and not eos_fill:
+            step_runs = _on_any_rank_each((schedule > 0).any(0), process_group)
+        invalid = torch.zeros((), dtype=torch.bool, device=device)
         for i in range(block_length if threshold is not None else steps_per_block):
             candidates = tokens[:, window] == model.mask_id
             k = None
             if threshold is None:
                 k = torch.minimum(schedule[:, i], candidates.sum(1))
-                if not _on_any_rank(bool((k > 0).any()), device, process_group):
+                runs = step_runs[i] if step_runs is not None else _on_any_rank(bool((k > 0).any()), device,
+                                                                               process_group)
+                if not runs:
                     continue  # a step that would commit nothing anywhere is skipped, not recorded
             elif not _on_any_rank(bool(candidates.any()), device, process_group):
                 break
@@ -217,14 +226,24 @@ def generate(
             decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
                                     remasking=remasking, seed=step_seed, generator=generator, backend=backend,
                                     block_cache=block_cache)
-            tokens[:, window] = torch.where(decision.commit, decision.tokens, tokens[:, window])
-            step_map[:, window][decision.commit] = step
+            commit = decision.commit & (decision.tokens >= 0)  # a NaN row's token (-1) never enters the sequence
+            invalid |= (commit != decision.commit).any()
+            tokens[:, window] = torch.where(commit, decision.tokens, tokens[:, window])
+            step_map[:, window] = torch.where(commit, step, step_map[:, window])
+            commit_logprob[:, window] = torch.where(commit, decision.logprob, commit_logprob[:, window])
             filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill
             if recorder is not None:
                 recorder.add(decision, candidates, filled, block)
             step += 1
+        if bool(invalid):  # one check per block
+            raise RuntimeError("the model produced NaN or infinite logits")
     trace = recorder.trace(batch, device) if recorder is not None else None
-    return Rollout(tokens, step_map, trace, prompt_len, full_mask)
+    return Rollout(tokens, step_map, trace, prompt_len, full_mask, commit_logprob)
+
+
+def _on_any_rank_each(flags: torch.Tensor, process_group) -> list[bool]:
+    """flags [n] (bool) or-ed over the ranks, as Python bools (one host sync)."""
+    return [bool(f) for f in all_reduce(flags.to(torch.int32), "max", process_group).tolist()]
 
 
 def _on_any_rank(flag: bool, device, process_group) -> bool:
@@ -240,6 +259,6 @@ def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step:
     first = torch.where(eos.any(1), eos.long().argmax(1), response.shape[1])
     after = torch.arange(response.shape[1], device=tokens.device)[None, :] > first[:, None]
     fill = after & (response == model.mask_id)
-    response[fill] = model.eos_id
-    response_steps[fill] = step
+    response.copy_(torch.where(fill, model.eos_id, response))
+    response_steps.copy_(torch.where(fill, step, response_steps))
     return fill.sum(1)

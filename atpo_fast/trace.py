@@ -47,6 +47,9 @@ class Rollout:
     trace: Trace | None  # None when generate ran with record=False
     prompt_length: int  # Lp
     attention_mask: torch.Tensor  # [B, L]: 0 on left padding
+    # [B, L] float32: log p of each committed token under the (untempered) distribution it was sampled
+    # from; NaN on the prompt and on positions committed in bulk (eos_fill). None when not recorded.
+    commit_logprob: torch.Tensor | None = None
 
     @property
     def response(self) -> torch.Tensor:
@@ -71,10 +74,13 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
     tokens = left_pad([r.tokens for r in rollouts], pad_id)
     attention = left_pad([r.attention_mask for r in rollouts], 0)
     step_map = left_pad([r.step_map for r in rollouts], -1)
+    commit_logprob = None
+    if all(r.commit_logprob is not None for r in rollouts):
+        commit_logprob = left_pad([r.commit_logprob for r in rollouts], float("nan"))
     trace = None
     if all(r.trace is not None for r in rollouts):
         longest = max((r.trace for r in rollouts), key=lambda t: t.num_steps)
         traces = [r.trace.padded(longest.num_steps) for r in rollouts]
         trace = Trace(**{f.name: torch.cat([getattr(t, f.name) for t in traces]) if f.name != "block"
                          else longest.block for f in dataclasses.fields(Trace)})
-    return Rollout(tokens, step_map, trace, width, attention)
+    return Rollout(tokens, step_map, trace, width, attention, commit_logprob)

@@ -111,6 +111,10 @@ class Updated:
     kl_weighted: float  # mean k3 KL times this rank's targets
     grad_norm: float
     update_time: float
+    # off-policy gap: sum and count over this rank's targets of |log p at rollout - old log p| (a cached
+    # rollout sees a stale context; an exact one differs by rounding only)
+    gap_sum: float = 0.0
+    gap_count: int = 0
     skipped: str | None = None
 
 
@@ -185,6 +189,11 @@ class Trainer:
         with torch.no_grad():
             old = [self.row_logprobs(selected, b) for b in batches]
         old = torch.cat([lp for lp, b in zip(old, batches) if b] + [torch.zeros(0, device=self.device)])
+        gap = {}
+        if selected.rollout.commit_logprob is not None:
+            at_rollout = selected.rollout.commit_logprob[rows.seq_index[rows.target_row], rows.target_pos]
+            known = ~at_rollout.isnan()  # positions committed in bulk (eos_fill) have none
+            gap = {"gap_sum": (old - at_rollout)[known].abs().sum().item(), "gap_count": int(known.sum())}
 
         sums = {"loss": 0.0, "clip_weighted": 0.0, "kl_weighted": 0.0}
         for _ in range(o.updates_per_batch):
@@ -206,11 +215,11 @@ class Trainer:
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not math.isfinite(grad_norm):  # the same on every rank: gradients are synchronised
                 self.optimizer.zero_grad(set_to_none=True)
-                return Updated(**sums, grad_norm=grad_norm, update_time=self.clock() - start,
+                return Updated(**sums, **gap, grad_norm=grad_norm, update_time=self.clock() - start,
                                skipped="non-finite loss or gradient")
             self.optimizer.step()
         self.scheduler.step()
-        return Updated(**sums, grad_norm=grad_norm, update_time=self.clock() - start)
+        return Updated(**sums, **gap, grad_norm=grad_norm, update_time=self.clock() - start)
 
     def metrics(self, collected: Collected, selected: Selected, updated: Updated | None) -> dict:
         """The iteration's record for metrics.jsonl: everything summed or maximised over the ranks at once."""
@@ -231,7 +240,8 @@ class Trainer:
                 "selected_step_counts": torch.bincount(used.cpu(), minlength=trace.num_steps)}
         maxes = {"rollout_time": collected.rollout_time, "peak_memory_mb": peak_memory_mb(self.device)}
         if updated is not None:
-            sums.update(loss=updated.loss, clip_fraction=updated.clip_weighted, kl=updated.kl_weighted)
+            sums.update(loss=updated.loss, clip_fraction=updated.clip_weighted, kl=updated.kl_weighted,
+                        gap_sum=updated.gap_sum, gap_count=updated.gap_count)
             maxes["update_time"] = updated.update_time
         sums, maxes = d.reduce_metrics(sums, maxes, self.device)
 
@@ -250,7 +260,8 @@ class Trainer:
             metrics.update(skipped="no informative rows", update_time=0.0)
             return metrics
         metrics.update(loss=sums["loss"], clip_fraction=sums["clip_fraction"] / targets, kl=sums["kl"] / targets,
-                       grad_norm=updated.grad_norm, update_time=maxes["update_time"])
+                       grad_norm=updated.grad_norm, update_time=maxes["update_time"],
+                       rollout_logprob_gap=sums["gap_sum"] / max(sums["gap_count"], 1))
         if updated.skipped:
             metrics["skipped"] = updated.skipped
             return metrics

@@ -7,6 +7,7 @@
 #   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
 #   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
 #   rows      build_step_rows, extension against the torch fallback
+#   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
 #   tests     the whole CUDA test suite, with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
@@ -16,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-540}
-STAGES=${STAGES:-build smoke compare tokens logprobs rows tests}
+STAGES=${STAGES:-build smoke compare tokens logprobs rows rollout tests}
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATPO_RESULTS_DIR="$OUT" MAX_JOBS=${MAX_JOBS:-16}
@@ -62,6 +63,9 @@ if want logprobs; then
 fi
 if want rows; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_step_rows 2>&1 | tee "$OUT/gpu_rows.log" | tail -8
+fi
+if want rollout; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_rollout 2>&1 | tee "$OUT/gpu_rollout.log" | tail -12
 fi
 if want tests; then
     timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15

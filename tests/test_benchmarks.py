@@ -46,6 +46,16 @@ def test_trainer_bench_quick():
         assert row["iteration_s"] > 0 and row["rollout_s"] > 0 and row["rows"] > 0 and row["targets"] >= row["rows"]
 
 
+def test_rollout_bench_quick(tmp_path):
+    from benchmarks import bench_rollout
+
+    speed = bench_rollout.rollout_times(bench_rollout.QUICK, "cpu")
+    assert [row["mode"] for row in speed] == ["none", "prefix", "dual"] and speed[0]["agreement"] == 1.0
+    task = bench_rollout.default_task(4, bench_rollout.QUICK_TASK + [f"warmstart.cache_dir={tmp_path}"])
+    assert [(row["mode"], row["cache_refresh"]) for row in task][:3] == [("none", "-"), ("prefix", "-"), ("dual", "-")]
+    assert all(0 <= row["accuracy"] <= 1 and 0 <= row["agreement"] <= 1 for row in task)
+
+
 @pytest.mark.slow
 def test_compare_rules_quick(tmp_path):
     from benchmarks.compare_rules import main

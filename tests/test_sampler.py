@@ -245,3 +245,29 @@ def test_concat_rollouts_repads_prompts_and_widens_traces(model):
             assert torch.equal(joined.trace.count[row, :steps], part.trace.count[i])
             assert (joined.trace.count[row, steps:] == 0).all() and joined.trace.entropy[row, steps:].isnan().all()
             row += 1
+
+
+def test_nan_logits_are_an_error(model):
+    broken = _double(model)
+    with torch.no_grad():
+        broken.head.weight[5] = float("nan")  # every row's logits hold a NaN
+    prompt = torch.tensor([model.tokenizer.encode("12+34=")])
+    with pytest.raises(RuntimeError, match="NaN or infinite logits"):
+        generate(broken, prompt, gen_length=8, block_length=4, steps=4)
+
+
+def test_commit_logprob_is_the_committed_tokens_logprob(model):
+    """Rollout.commit_logprob: log p of each committed token at the state before its step, over the
+    vocabulary without [MASK] (what the sampler drew from); NaN on the prompt."""
+    prompt, mask = left_padded(model.tokenizer, PROMPTS)
+    rollout = generate(model, prompt, gen_length=8, block_length=4, steps=8, attention_mask=mask, temperature=1.0,
+                       seed=0)
+    start = rollout.prompt_length
+    assert rollout.commit_logprob[:, :start].isnan().all() and not rollout.commit_logprob[:, start:].isnan().any()
+    for t in range(rollout.trace.num_steps):
+        tokens, committed, _ = replay(model, rollout, t)
+        with torch.no_grad():
+            logits = model.logits(tokens, rollout.attention_mask)[:, start:]
+        logits[..., model.mask_id] = float("-inf")
+        want = logits.log_softmax(-1).gather(-1, rollout.response[..., None]).squeeze(-1)
+        torch.testing.assert_close(rollout.commit_logprob[:, start:][committed], want[committed], rtol=0, atol=1e-5)

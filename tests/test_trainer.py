@@ -22,7 +22,8 @@ SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate
 
 ITERATION_KEYS = {"iteration", "reward", "accuracy", "informative_fraction", "rollout_time", "tokens_per_second",
                   "rows", "targets", "loss", "kl", "clip_fraction", "grad_norm", "lr", "update_time", "peak_memory_mb",
-                  "step_entropy", "step_uncertainty", "step_roec", "step_hybrid_score", "selected_step_counts"}
+                  "step_entropy", "step_uncertainty", "step_roec", "step_hybrid_score", "selected_step_counts",
+                  "rollout_logprob_gap"}
 DETERMINISTIC = ("reward", "accuracy", "rows", "targets", "loss", "grad_norm", "selected_step_counts", "step_entropy")
 
 
@@ -49,6 +50,8 @@ def test_one_iteration_changes_parameters_and_logs_every_metric(tmp_path):
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the update changed no parameter"
     assert sum(metrics["selected_step_counts"]) == 4 * 16 * metrics["informative_fraction"]  # budget 4 per response
+    # the rollout samples without [MASK], the training forward keeps it in its softmax: a small gap remains
+    assert 0 <= metrics["rollout_logprob_gap"] < 0.1, metrics["rollout_logprob_gap"]
 
 
 def read(path: Path) -> list[dict]:
