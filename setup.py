@@ -75,8 +75,9 @@ setup(
     ],
     entry_points={"console_scripts": ["atpo-train=atpo_fast.cli:train_main", "atpo-eval=atpo_fast.cli:eval_main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "math-verify"],
         "tensorboard": ["tensorboard"],
         "flash": ["flash-attn"],
+        "math": ["math-verify"],
     },
 )

@@ -72,7 +72,19 @@ def test_arithmetic_reward():
         get_task("arithmetic", op="-")
 
 
-def test_jsonl_task(tmp_path):
+@pytest.fixture(params=["math-verify", "numeric match"])
+def answer_check(request, monkeypatch):
+    """The jsonl reward with math-verify (when installed) and with its numeric fallback."""
+    import atpo_fast.tasks.jsonl as jsonl
+
+    if request.param == "numeric match":
+        monkeypatch.setattr(jsonl, "_MATH_VERIFY", None)
+    elif jsonl._MATH_VERIFY is None:
+        pytest.skip("math-verify is not installed (pip install atpo_fast[math])")
+    return request.param
+
+
+def test_jsonl_task(tmp_path, answer_check):
     rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i:,}"}
             for i in range(995, 1015)]
     path = tmp_path / "qa.jsonl"
@@ -85,6 +97,8 @@ def test_jsonl_task(tmp_path):
     assert task.reward(ex, "#### 2000.0") == 1.0
     assert task.reward(ex, "\\boxed{2001} but 2000") == 0.0
     assert task.reward(ex, "no idea") == 0.0
+    half = Example(prompt="", target="#### 1.5", meta=(Fraction(3, 2),))
+    assert task.reward(half, "\\boxed{\\frac{3}{2}}") == (1.0 if answer_check == "math-verify" else 0.0)
     assert extract_number("x = 0.75") == Fraction(3, 4) and extract_number("-.5") == -0.5
     assert extract_number("3/4") == 4  # the last number: fractions are not parsed
 

@@ -1,8 +1,10 @@
 """Question/answer pairs from a local JSONL file (GSM8K style), with a numeric-match reward.
 
 Each line: {"question": ..., "answer": ...}; the reference number is what follows "####" in the
-answer, or what \\boxed{} holds, or the answer itself. A response is right when the number it
-gives (in \\boxed{}, else after "####", else its last number) equals the reference.
+answer, or what \\boxed{} holds, or the answer itself. A response is right when math-verify (an
+optional extra: pip install atpo_fast[math]) finds it equal to the reference, which accepts
+\\frac{3}{2} for 1.5; without math-verify, when the number it gives (in \\boxed{}, else after "####",
+else its last number) equals the reference.
 """
 
 from __future__ import annotations
@@ -62,4 +64,18 @@ class JsonlTask(Task):
         self.test, self.train = examples[:n_test], examples[n_test:]
 
     def reward(self, example: Example, response: str) -> float:
+        if _MATH_VERIFY is not None:
+            parse, verify = _MATH_VERIFY
+            return float(verify(parse(str(example.meta[0])), parse(response)))
         return float(extract_number(response) == example.meta[0])
+
+
+def _load_math_verify():
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    return parse, verify
+
+
+_MATH_VERIFY = _load_math_verify()  # (parse, verify), or None without the optional extra
