@@ -148,12 +148,15 @@ class TrainConfig:
 
 def check_values(config: TrainConfig) -> None:
     """Ranges and cross-field rules of a typed config; a ValueError naming the key(s) otherwise."""
+    def value_at(key: str):
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
     def need(ok: bool, key: str, expected: str) -> None:
         if not ok:
-            value = config
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
+            raise ValueError(f"config key {key!r} expects {expected}, got {value_at(key)!r}")
 
     m, s, sel, o, w, e = config.model, config.sampler, config.selection, config.optim, config.warmstart, config.eval
     positive = "an int >= 1"
@@ -162,11 +165,7 @@ def check_values(config: TrainConfig) -> None:
                 "sampler.block_length", "sampler.steps", "selection.budget", "optim.iterations",
                 "optim.prompts_per_iter", "optim.micro_batch_rows", "optim.updates_per_batch", "warmstart.batch_size",
                 "eval.every", "eval.size", "logging.checkpoint_every", "logging.max_bad_iters"):
-        section, *rest = key.split(".")
-        value = getattr(config, section)
-        for part in rest:
-            value = getattr(value, part)
-        need(value >= 1, key, positive)
+        need(value_at(key) >= 1, key, positive)
     for key, value in (("warmstart.steps", w.steps), ("optim.warmup_iters", o.warmup_iters),
                        ("eval.pass_k", e.pass_k)):
         need(value >= 0, key, "an int >= 0")

@@ -249,7 +249,7 @@ def _on_any_rank_each(flags: torch.Tensor, process_group) -> list[bool]:
 def _on_any_rank(flag: bool, device, process_group) -> bool:
     if process_group is None:
         return flag
-    return bool(all_reduce(torch.tensor([int(flag)], device=device), "max", process_group).item())
+    return _on_any_rank_each(torch.tensor([flag], device=device), process_group)[0]
 
 
 def _fill_after_eos(tokens, step_map, prompt_len: int, model: DiffusionLM, step: int) -> torch.Tensor:

@@ -41,10 +41,15 @@ def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.
     return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "reached": reached}
 
 
+def reached_sum(values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """Sum over the responses that reach each step: [B, T] -> [T] (this rank's; NaN entries count 0)."""
+    return torch.where(reached, values.nan_to_num(), 0.0).sum(0)
+
+
 def batch_average(values: torch.Tensor, reached: torch.Tensor, group=None) -> torch.Tensor:
     """Mean over the responses that reach each step: [B, T] -> [T] (NaN where none does). With a
     torch.distributed process group, over every rank's responses (each rank passes the same T)."""
-    total = torch.where(reached, values.nan_to_num(), 0.0).sum(0)
+    total = reached_sum(values, reached)
     sums = all_reduce(torch.stack([total, reached.sum(0).to(total.dtype)]), group=group)
     return sums[0] / sums[1]
 

@@ -39,7 +39,7 @@ from atpo_fast.loss import clipped_policy_loss, group_advantages
 from atpo_fast.models import DiffusionLM, TinyDiffusionLM, load_hf_diffusion_lm
 from atpo_fast.ops.step_rows import StepRows, build_step_rows
 from atpo_fast.sampler import generate
-from atpo_fast.selection import hybrid_score, select_steps, step_signals
+from atpo_fast.selection import hybrid_score, reached_sum, select_steps, step_signals
 from atpo_fast.tasks import Example, Task, get_task
 from atpo_fast.trace import Rollout, Trace, concat_rollouts
 
@@ -226,17 +226,14 @@ class Trainer:
         d, sel, trace = self.dist, self.config.selection, selected.trace
         signals = step_signals(trace, sel.token_set)
         reached = signals["reached"]
-
-        def step_sum(values):
-            return torch.where(reached, values.nan_to_num(), 0.0).sum(0)
-
         used = selected.starts[selected.starts >= 0]
         sums = {"responses": len(collected.rewards), "reward": collected.rewards.float().sum().item(),
                 "accuracy": collected.correct.float().sum().item(),
                 "informative_fraction": collected.informative.float().sum().item(),
                 "response_tokens": collected.rollout.response.numel(), "targets": selected.rows.target_row.numel(),
-                "reached": reached.sum(0), "step_entropy": step_sum(signals["entropy"]),
-                "step_uncertainty": step_sum(signals["uncertainty"]), "step_roec": step_sum(signals["roec"]),
+                "reached": reached.sum(0), "step_entropy": reached_sum(signals["entropy"], reached),
+                "step_uncertainty": reached_sum(signals["uncertainty"], reached),
+                "step_roec": reached_sum(signals["roec"], reached),
                 "selected_step_counts": torch.bincount(used.cpu(), minlength=trace.num_steps)}
         maxes = {"rollout_time": collected.rollout_time, "peak_memory_mb": peak_memory_mb(self.device)}
         if updated is not None:

@@ -17,17 +17,29 @@ def bidirectional(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def bidirectional_hidden_states(backbone: nn.Module, input_ids: torch.Tensor,
-                                attention_mask: torch.Tensor | None) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] of a left-padded batch: counted from each row's first real token (0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def predicting_each_token(hidden: torch.Tensor) -> torch.Tensor:
+    """A shifted model's hidden states [B, L, D] moved so that index i predicts token i (position i of
+    the model predicts token i + 1; index 0 keeps its own)."""
+    return torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+
+
+def bidirectional_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                                **backbone_kwargs) -> torch.Tensor:
     """Last hidden states [B, L, D] of a bidirectional transformers stack for left-padded input_ids [B, L]:
     every position attends to every real token (a [B, 1, L, L] key mask), and positions count from
-    each row's first real token, so a padded row computes what it computes alone."""
+    each row's first real token, so a padded row computes what it computes alone. backbone_kwargs go
+    to the backbone's forward (a KV cache to fill, for one)."""
     batch, length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     keys = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return backbone(input_ids=input_ids, attention_mask=keys, position_ids=positions).last_hidden_state
+    return backbone(input_ids=input_ids, attention_mask=keys, position_ids=positions_from_mask(attention_mask),
+                    **backbone_kwargs).last_hidden_state
 
 
 def encode_with_chat_template(tokenizer, text: str) -> list[int]:
@@ -89,9 +101,7 @@ class DiffusionLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, L, D] for input_ids [B, L] (attention_mask [B, L]: 1 = real token)."""
         hidden = self._hidden_states(input_ids, attention_mask)
-        if self.shift:
-            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
-        return hidden
+        return predicting_each_token(hidden) if self.shift else hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_index: torch.Tensor,
                 positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from atpo_fast.choices import IMPLEMENTATIONS
-from atpo_fast.models.base import DiffusionLM, decode_until_eos, encode_with_chat_template
+from atpo_fast.models.base import DiffusionLM, decode_until_eos, encode_with_chat_template, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class HFDiffusionLM(DiffusionLM):
         if attention_mask is not None and self.family.four_d_mask:
             real = attention_mask.bool()
             kwargs["attention_mask"] = real[:, None, :, None] & real[:, None, None, :]
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            kwargs["position_ids"] = positions_from_mask(attention_mask)
         elif attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         head = self.lm_head

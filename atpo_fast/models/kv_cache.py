@@ -18,9 +18,11 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from atpo_fast.choices import CACHE_MODES
-from atpo_fast.models.base import DiffusionLM
+from atpo_fast.models.base import (DiffusionLM, bidirectional_hidden_states, positions_from_mask,
+                                   predicting_each_token)
 
 
 class BlockCache:
@@ -39,38 +41,28 @@ class BlockCache:
         if backbone is None or not hasattr(backbone, "config"):
             raise ValueError(f"a KV cache needs a model with a transformers backbone (the tiny model, or LLaDA / "
                              f"Dream loaded with implementation='native'); {type(model).__name__} has none")
-        from transformers import DynamicCache
-
         self.model, self.backbone = model, backbone
-        batch, length = tokens.shape
+        length = tokens.shape[1]
         self.mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-        self.positions = (self.mask.long().cumsum(-1) - 1).clamp_min(0)
+        self.positions = positions_from_mask(self.mask)
         # queries: the block (from one position earlier when position i predicts token i + 1), plus the
         # rest of the sequence for the prefix cache
         self.q0 = max(window.start - int(model.shift), 0)
         self.q1 = window.stop if mode == "dual" else length
         kept = torch.cat([torch.arange(self.q0), torch.arange(self.q1, length)]).to(tokens.device)
         cache = DynamicCache()
-        keys = self.mask.bool()[:, None, None, :].expand(batch, 1, length, length)
         # transformers renamed forward's past_key_values to cache (5.2x); pass it under the name this one takes
         self.cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-        full = backbone(input_ids=tokens, attention_mask=keys, position_ids=self.positions, use_cache=True,
-                        **{self.cache_arg: cache}).last_hidden_state
-        self.first_hidden = self._realign(full)  # answers the block's first step exactly
+        full = bidirectional_hidden_states(backbone, tokens, self.mask, use_cache=True, **{self.cache_arg: cache})
+        self.first_hidden = predicting_each_token(full) if model.shift else full  # the block's first step, exact
         self.kept = [(layer.keys[:, :, kept], layer.values[:, :, kept]) for layer in cache.layers]
         self.kept_mask = self.mask[:, kept].bool()
-
-    def _realign(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Index i predicts token i (DiffusionLM.hidden_states' convention for shifted models)."""
-        return torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1) if self.model.shift else hidden
 
     def logits_at(self, tokens: torch.Tensor, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [R, V] at (batch_index[r], positions[r]), positions inside the block."""
         if self.first_hidden is not None:
             hidden, self.first_hidden = self.first_hidden[batch_index, positions], None
         else:
-            from transformers import DynamicCache
-
             batch, queries = tokens.shape[0], self.q1 - self.q0
             keys = torch.cat([self.kept_mask, self.mask[:, self.q0:self.q1].bool()], dim=1)
             out = self.backbone(input_ids=tokens[:, self.q0:self.q1],
