@@ -73,11 +73,13 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    entry_points={"console_scripts": ["atpo-train=atpo_fast.cli:train_main", "atpo-eval=atpo_fast.cli:eval_main"]},
+    entry_points={"console_scripts": ["atpo-train=atpo_fast.cli:train_main", "atpo-eval=atpo_fast.cli:eval_main",
+                                    "atpo-export=atpo_fast.cli:export_main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "math-verify"],
+        "test": ["pytest", "pytest-benchmark", "math-verify", "peft"],
         "tensorboard": ["tensorboard"],
         "flash": ["flash-attn"],
         "math": ["math-verify"],
+        "lora": ["peft"],
     },
 )

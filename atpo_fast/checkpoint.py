@@ -1,7 +1,7 @@
 """Checkpoints of a training run, and the one way to load a run folder back.
 
-A checkpoint is a torch.distributed.checkpoint (DCP) folder: the model, the optimizer state and the
-trainer's own state (iteration, bad-iteration count, scheduler, random generators) as DCP stores
+A checkpoint is a torch.distributed.checkpoint (DCP) folder: the model's trainable parameters (all of
+them in full fine-tuning, the adapters alone with LoRA), the optimizer state and the trainer's own state (iteration, bad-iteration count, scheduler, random generators) as DCP stores
 them, so a run written by any number of ranks resumes on any other number. Writes are atomic:
 every rank writes into path.tmp, then rank 0 swaps it in; the previous checkpoint survives as
 path.old until the swap is done, and a reader falls back on it.
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint"  # the checkpoint folder inside a run folder
 CONFIG = "config.yaml"  # the run's resolved config inside a run folder
+BASE = "base"  # a LoRA run of the tiny model: its frozen base (the warm start), which no checkpoint holds
 
 
 def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> None:
@@ -34,6 +35,7 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    options = _trainable_only()
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if hasattr(model, "reshard"):
         model.reshard()  # FSDP2 state dicts are built from the shards
@@ -42,9 +44,10 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     d.barrier()
     # an optimizer that has not stepped yet is left out: asking DCP for its state would initialise it
     # with a zero-gradient step, and AdamW's bias correction would then count one step too many
-    state = {"model": get_model_state_dict(model), "extra": {**extra, "has_optimizer_state": bool(optimizer.state)}}
+    state = {"model": get_model_state_dict(model, options=options),
+             "extra": {**extra, "has_optimizer_state": bool(optimizer.state)}}
     if optimizer.state:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     with _single_process_quiet(d):
         dcp.save(state, checkpoint_id=str(tmp))
     d.barrier()
@@ -55,6 +58,13 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     d.barrier()
+
+
+def _trainable_only():
+    """DCP options: the trainable parameters only; the frozen ones (a LoRA run's base) are rebuilt, not stored."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def find(path: Path) -> Path | None:
@@ -72,19 +82,20 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
+    options = _trainable_only()
     found = find(path)
     if found is None:
         raise ValueError(f"no checkpoint at {path}")
     state = {"extra": {**extra, "has_optimizer_state": False}}
     with _single_process_quiet(d):
         dcp.load(state, checkpoint_id=str(found))
-        state["model"] = get_model_state_dict(model)
+        state["model"] = get_model_state_dict(model, options=options)
         if state["extra"]["has_optimizer_state"]:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
         dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=options)
     if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     return {k: v for k, v in state["extra"].items() if k in extra}
 
 
@@ -113,15 +124,34 @@ def load(trainer: Trainer, path: Path) -> None:
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in rng["cuda"]])
 
 
+def keep_base(model: nn.Module, config, run_dir: Path) -> None:
+    """Write a tiny-model LoRA run's base model into the run folder (the adapters' checkpoints leave it
+    out; a LLaDA / Dream base is model.path itself). Call before the adapters are added."""
+    if config.model.lora.rank and config.model.kind == "tiny":
+        model.save_pretrained(run_dir / BASE)
+
+
+def run_model(config, run_dir: Path, device):
+    """The model a run folder's checkpoint applies to: its kept base, else the one the config builds."""
+    from atpo_fast.models import TinyDiffusionLM
+    from atpo_fast.trainer import build_model
+
+    if (run_dir / BASE / "config.json").is_file():
+        return TinyDiffusionLM.from_pretrained(run_dir / BASE, device=device)
+    return build_model(config, device)
+
+
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
     """A Trainer for a run folder: its config (with overrides) and its last checkpoint."""
+    from atpo_fast import distributed
     from atpo_fast.config import load_config
-    from atpo_fast.trainer import Trainer
+    from atpo_fast.trainer import Trainer, resolve_device
 
     run_dir = Path(run_dir)
     if find(run_dir / CHECKPOINT) is None:
         raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
-    trainer = Trainer(load_config(run_dir / CONFIG, overrides))
+    config = load_config(run_dir / CONFIG, overrides)
+    trainer = Trainer(config, run_model(config, run_dir, resolve_device(config, distributed.setup(config.distributed.backend))))
     load(trainer, run_dir / CHECKPOINT)
     return trainer
 

@@ -1,4 +1,4 @@
-"""Console scripts: atpo-train (the main job) and atpo-eval.
+"""Console scripts: atpo-train (the main job), atpo-eval and atpo-export.
 
     atpo-train                                  tiny model, sudoku4, warm start + ATPO on this CPU
     atpo-train selection.rule=uniform seed=1    any config key as section.key=value
@@ -6,6 +6,7 @@
     atpo-train --name my-run --resume           continue a run from its last checkpoint
     torchrun --nproc_per_node 8 --no-python atpo-train ...   data parallel over 8 GPUs (distributed.strategy)
     atpo-eval runs/sudoku4-hybrid-seed0         held-out accuracy of a run's checkpoint
+    atpo-export runs/NAME OUT [--merge]         a run's adapters in peft's format, or the merged model
 """
 
 from __future__ import annotations
@@ -85,4 +86,22 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"atpo-eval: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"run_dir": args.run_dir, "iteration": trainer.iteration, **result}, indent=2))
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from atpo_fast import export
+
+    parser = argparse.ArgumentParser(prog="atpo-export", description=export.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
+    parser.add_argument("out", help="the folder to write (new or empty)")
+    parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and write it whole")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        written = export.export_run(args.run_dir, args.out, merge=args.merge)
+    except ValueError as err:
+        print(f"atpo-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"atpo-export: wrote the {written} of {args.run_dir} to {args.out}")
     return 0

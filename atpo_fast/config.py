@@ -38,6 +38,21 @@ class TinyConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters through peft (pip install atpo_fast[lora]); rank 0 trains every weight instead.
+
+    With rank > 0 the base weights and the LM head are frozen (in model.dtype) and only the adapters
+    train, in float32; checkpoints hold the adapters and their optimizer state only.
+    """
+
+    rank: int = 0  # adapter rank r (0: full fine-tuning)
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input, in the update's forward only
+    # module names (or one regex) to adapt; null: the attention and MLP projections of every block
+    target_modules: Optional[list] = None
+
+
+@dataclasses.dataclass
 class ModelConfig:
     kind: ModelKind = "tiny"  # the built-in tiny model, or a pretrained LLaDA / Dream from model.path
     path: Optional[str] = None  # local folder of weights (required for llada / dream; optional for tiny)
@@ -45,6 +60,8 @@ class ModelConfig:
     implementation: Implementation = "native"  # llada / dream: transformers' Llama / Qwen2, or the folder's code
     attn_implementation: Optional[str] = None  # llada / dream: e.g. flash_attention_2, when installed
     tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)  # the tiny model's shape
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters instead of full fine-tuning
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
 
 @dataclasses.dataclass
@@ -90,7 +107,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # gradient norm clip
     warmup_iters: int = 0  # linear learning-rate warm-up over this many iterations
     micro_batch_rows: int = 256  # training rows per forward (gradient accumulation over micro-batches)
-    updates_per_batch: int = 1  # optimizer steps on each iteration's rows (PPO epochs)
+    # optimizer steps on each iteration's rows (PPO epochs); with 1 the old log-probs are the update's
+    # own, detached (the policy has not moved yet), so no separate pass computes them
+    updates_per_batch: int = 1
     clip_eps: float = 0.2  # PPO ratio clip
     kl_beta: float = 0.01  # weight of the k3 KL estimate against the rollout policy
 
@@ -195,6 +214,14 @@ def check_values(config: TrainConfig) -> None:
         need(0 < s.threshold <= 1, "sampler.threshold", "null or a number in (0, 1]")
         need(s.remasking in ("low_confidence", "margin"), "sampler.remasking",
              "'low_confidence' or 'margin' when sampler.threshold is set")
+    need(m.lora.rank >= 0, "model.lora.rank", "an int >= 0 (0: full fine-tuning)")
+    need(m.lora.alpha > 0, "model.lora.alpha", "a number > 0")
+    need(0 <= m.lora.dropout < 1, "model.lora.dropout", "a number in [0, 1)")
+    if m.lora.rank:
+        import importlib.util
+
+        need(importlib.util.find_spec("peft") is not None, "model.lora.rank",
+             "0 where peft is not installed (pip install 'atpo_fast[lora]')")
     need(s.cache == "none" or m.kind == "tiny" or m.implementation == "native", "sampler.cache",
          "'none' with model.implementation='remote' (a KV cache needs the native model)")
     if m.kind == "tiny":
@@ -250,6 +277,12 @@ def _coerce(value: Any, hint, key: str) -> Any:
     elif hint is dict:
         if isinstance(value, dict):
             return value
+    elif hint is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        expected = "a list of strings"
     raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
 
 

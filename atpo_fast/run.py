@@ -3,6 +3,7 @@
     runs/<name>/config.yaml     the resolved config
     runs/<name>/metrics.jsonl   one record per iteration, plus the held-out evaluations before and after
     runs/<name>/checkpoint/     the last checkpoint (checkpoint.py), every logging.checkpoint_every iterations
+    runs/<name>/base/           a LoRA run of the tiny model: the frozen base its adapters apply to
     runs/<name>/summary.json    held-out results before and after, and why the run stopped early, if it did
     runs/<name>/*.png           the plots (plots.py)
 
@@ -50,8 +51,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     # the model, warm-started before it is wrapped for data parallelism (a resumed run loads its checkpoint)
     dist = distributed.setup(config.distributed.backend)
     device = resolve_device(config, dist)
-    task, model = build_task(config), build_model(config, device)
-    warm_info = None if resume else warm_start_on_every_rank(model, task, config, device, dist, progress)
+    task = build_task(config)
+    if resume:
+        model, warm_info = checkpoint.run_model(config, run_dir, device), None
+    else:
+        model = build_model(config, device)
+        warm_info = warm_start_on_every_rank(model, task, config, device, dist, progress)
+        if dist.main:
+            checkpoint.keep_base(model, config, run_dir)
     trainer = Trainer(config, model, task)
     main = dist.main
     dist.barrier()  # every rank has passed the checks above before rank 0 writes anything

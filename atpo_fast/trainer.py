@@ -37,6 +37,7 @@ from atpo_fast.common import derive_seed, linear_warmup
 from atpo_fast.config import TrainConfig, check_values
 from atpo_fast.loss import clipped_policy_loss, group_advantages
 from atpo_fast.models import DiffusionLM, TinyDiffusionLM, load_hf_diffusion_lm
+from atpo_fast.models.lora import add_lora, enable_activation_checkpointing, trainable_parameters
 from atpo_fast.ops.step_rows import StepRows, build_step_rows
 from atpo_fast.sampler import generate
 from atpo_fast.selection import hybrid_score, reached_sum, select_steps, step_signals
@@ -122,6 +123,7 @@ class Trainer:
     """model and task default to the ones the config describes; pass them to train something else."""
 
     step_rows_backend = "auto"  # build_step_rows' backend: the extension when it is built
+    single_pass_update = True  # False: old log-probs from a no-grad pass even with updates_per_batch = 1
 
     def __init__(self, config: TrainConfig, model: DiffusionLM | None = None, task: Task | None = None):
         check_values(config)  # a config built in code, not loaded, is checked too
@@ -130,9 +132,14 @@ class Trainer:
         self.device = resolve_device(config, self.dist)
         self.task = task if task is not None else build_task(config)
         self.model = model.to(self.device) if model is not None else build_model(config, self.device)
+        # LoRA: adapters injected in place, everything else frozen; self.peft writes peft's adapter format
+        self.peft = (add_lora(self.model, config.model.lora, derive_seed(config.seed, "lora"))
+                     if config.model.lora.rank else None)
+        if config.model.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.policy = distributed.wrap(self.model, config.distributed.strategy, self.dist)  # what forward runs on
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
         self.scheduler = linear_warmup(self.optimizer, o.warmup_iters)
         self.iteration = 0
@@ -185,17 +192,18 @@ class Trainer:
         # every rank runs as many micro-batches as the busiest one (FSDP's forwards are collective);
         # the extra ones (None) are an idle forward on one position that trains nothing
         batches += [None] * (int(d.reduce({"n": len(batches)}, "max", self.device)["n"]) - len(batches))
-        self.policy.eval()  # the same mode for old and new log-probs
-        with torch.no_grad():
-            old = [self.row_logprobs(selected, b) for b in batches]
-        old = torch.cat([lp for lp, b in zip(old, batches) if b] + [torch.zeros(0, device=self.device)])
-        gap = {}
-        if selected.rollout.commit_logprob is not None:
-            at_rollout = selected.rollout.commit_logprob[rows.seq_index[rows.target_row], rows.target_pos]
-            known = ~at_rollout.isnan()  # positions committed in bulk (eos_fill) have none
-            gap = {"gap_sum": (old - at_rollout)[known].abs().sum().item(), "gap_count": int(known.sum())}
+        # the old log-probs: with one optimizer step per batch the policy has not moved when the update's
+        # forward runs, so they are that forward's own, detached (filled in below); else a no-grad pass
+        single_pass = o.updates_per_batch == 1 and self.single_pass_update
+        old = torch.zeros(rows.target_row.numel(), device=self.device)
+        if not single_pass:
+            self.policy.eval()
+            with torch.no_grad():  # idle batches (None) forward too: FSDP's forwards are collective
+                passes = [(self.row_logprobs(selected, b), b) for b in batches]
+            old = torch.cat([lp for lp, b in passes if b] + [old[:0]])
 
         sums = {"loss": 0.0, "clip_weighted": 0.0, "kl_weighted": 0.0}
+        self.policy.train()  # adapter dropout and activation checkpointing act in training mode only
         for _ in range(o.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             for i, b in enumerate(batches):
@@ -205,21 +213,34 @@ class Trainer:
                         (logprob.sum() * 0.0).backward()
                         continue
                     r0, _, t0, t1 = b
+                    if single_pass:
+                        old[t0:t1] = logprob.detach()
                     loss, stats = clipped_policy_loss(logprob, old[t0:t1], selected.token_advantage[t0:t1],
                                                       rows.target_row[t0:t1] - r0, n_rows, o.clip_eps, o.kl_beta)
                     (loss * d.world).backward()  # DDP and FSDP average gradients over ranks: this makes it a sum
                 sums["loss"] += loss.item() / o.updates_per_batch
                 sums["clip_weighted"] += stats["clip_fraction"].item() * (t1 - t0) / o.updates_per_batch
                 sums["kl_weighted"] += stats["kl"].item() * (t1 - t0) / o.updates_per_batch
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), o.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not math.isfinite(grad_norm):  # the same on every rank: gradients are synchronised
                 self.optimizer.zero_grad(set_to_none=True)
-                return Updated(**sums, **gap, grad_norm=grad_norm, update_time=self.clock() - start,
-                               skipped="non-finite loss or gradient")
+                return Updated(**sums, **self.rollout_gap(selected, old), grad_norm=grad_norm,
+                               update_time=self.clock() - start, skipped="non-finite loss or gradient")
             self.optimizer.step()
         self.scheduler.step()
-        return Updated(**sums, **gap, grad_norm=grad_norm, update_time=self.clock() - start)
+        return Updated(**sums, **self.rollout_gap(selected, old), grad_norm=grad_norm, update_time=self.clock() - start)
+
+    @staticmethod
+    def rollout_gap(selected: Selected, old: torch.Tensor) -> dict:
+        """Sum and count over the targets of |log p at rollout - old log p| (a cached rollout sees a
+        stale context; an exact one differs by rounding only)."""
+        commit_logprob, rows = selected.rollout.commit_logprob, selected.rows
+        if commit_logprob is None:
+            return {}
+        at_rollout = commit_logprob[rows.seq_index[rows.target_row], rows.target_pos]
+        known = ~at_rollout.isnan()  # positions committed in bulk (eos_fill) have none
+        return {"gap_sum": (old - at_rollout)[known].abs().sum().item(), "gap_count": int(known.sum())}
 
     def metrics(self, collected: Collected, selected: Selected, updated: Updated | None) -> dict:
         """The iteration's record for metrics.jsonl: everything summed or maximised over the ranks at once."""

@@ -1,8 +1,9 @@
 """atpo-train under torchrun on CPU (gloo, 2 processes) against the same run in one process.
 
 Global batch 4 prompts x 4 responses, two prompts per generate call: the 2-rank runs (DDP and
-FSDP2) must select the same steps and reach the same losses and parameters as the 1-rank run, and
-a 2-rank checkpoint must resume on 1 rank exactly as the 1-rank run continues.
+FSDP2) must select the same steps and reach the same losses and parameters as the 1-rank run (also
+with LoRA, and with activation checkpointing on), and a 2-rank checkpoint must resume on 1 rank
+exactly as the 1-rank run continues.
 """
 
 import json
@@ -75,10 +76,10 @@ class Runs:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def get(self, ranks: int, strategy: str) -> Path:
-        name = f"{strategy}-{ranks}"
+    def get(self, ranks: int, strategy: str, *extra: str, tag: str = "") -> Path:
+        name = f"{strategy}-{ranks}{tag}"
         if not (self.folder / name / "summary.json").is_file():
-            atpo_train(self.folder, name, ranks, "optim.iterations=2", f"distributed.strategy={strategy}")
+            atpo_train(self.folder, name, ranks, "optim.iterations=2", f"distributed.strategy={strategy}", *extra)
         return self.folder / name
 
     def copy(self, run: Path, name: str) -> Path:
@@ -98,6 +99,21 @@ def test_two_ranks_match_one(runs, strategy):
     assert_same_run(runs.get(1, "ddp"), two)
     selected = [sum(m["selected_step_counts"]) for m in iterations(two)]
     assert all(s > 0 for s in selected), "the comparison covers iterations that trained"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_with_activation_checkpointing_on_two_ranks_matches_one(runs, strategy):
+    """LoRA adapters (frozen base) train alike under DDP and FSDP2, and activation checkpointing
+    (on the 2-rank runs only) changes no gradient."""
+    lora = ("model.lora.rank=4", "model.lora.alpha=8")
+    one = runs.get(1, "ddp", *lora, tag="-lora")
+    two = runs.get(2, strategy, *lora, "model.activation_checkpointing=true", tag="-lora-ac")
+    assert_same_run(one, two)
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(two / "checkpoint")).read_metadata().state_dict_metadata
+    assert all(".lora_" in key for key in stored if key.startswith("model.")), "the checkpoint holds adapters only"
 
 
 @pytest.mark.slow

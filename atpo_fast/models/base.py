@@ -38,6 +38,7 @@ def bidirectional_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, at
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     keys = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)
+    backbone_kwargs.setdefault("use_cache", False)  # no KV cache unless one is asked for
     return backbone(input_ids=input_ids, attention_mask=keys, position_ids=positions_from_mask(attention_mask),
                     **backbone_kwargs).last_hidden_state
 

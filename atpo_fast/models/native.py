@@ -137,7 +137,7 @@ class NativeDiffusionLM(DiffusionLM):
         return bidirectional_hidden_states(self.backbone, input_ids, attention_mask)
 
 
-def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
+def checkpoint_tensors(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (through the index when the folder is sharded)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -194,7 +194,7 @@ def load_native(folder: Path, family, config: dict, dtype: torch.dtype, device: 
         backbone = getattr(transformers, backbone_class)(hf_config)
         head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
     model = NativeDiffusionLM(backbone, head, family, _tokenizer(folder), hf_config.max_position_embeddings)
-    state = _read_weights(_checkpoint_tensors(folder), rename, dtype, device)
+    state = _read_weights(checkpoint_tensors(folder), rename, dtype, device)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

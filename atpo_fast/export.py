@@ -1,0 +1,60 @@
+"""atpo-export: a run folder's trained model in a format other tools load.
+
+    atpo-export RUN_DIR OUT            LoRA runs: the adapters in peft's own format (adapter_config.json,
+                                       adapter_model.safetensors), for PeftModel.from_pretrained(base, OUT)
+    atpo-export RUN_DIR OUT --merge    the full model, adapters merged into the base, in its family's own
+                                       layout: load_hf_diffusion_lm(OUT, family) (or TinyDiffusionLM.from_pretrained)
+
+A full fine-tuning run always writes the full model. LLaDA / Dream keep their checkpoint's tensor
+names and shards, and the base folder's other files (config.json, the tokenizer and its chat template).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from atpo_fast.models import TinyDiffusionLM
+from atpo_fast.models.native import NATIVE, checkpoint_tensors
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> str:
+    """Write the run's last checkpoint to out (see the module docstring); returns what was written."""
+    from atpo_fast.checkpoint import load_run
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"export folder {str(out)!r} exists and is not empty")
+    trainer = load_run(run_dir)
+    if trainer.peft is not None and not merge:
+        trainer.peft.save_pretrained(str(out))
+        return "adapters"
+    model = trainer.peft.merge_and_unload() if trainer.peft is not None else trainer.model
+    write_family_layout(model, trainer.config.model, out)
+    return "merged model" if trainer.peft is not None else "model"
+
+
+def write_family_layout(model, model_config, out: Path) -> None:
+    """model (a DiffusionLM without adapters) saved as its family stores it."""
+    if isinstance(model, TinyDiffusionLM):
+        model.save_pretrained(out)
+        return
+    if model_config.implementation != "native":
+        raise ValueError("atpo-export writes LLaDA / Dream weights from model.implementation='native' runs; "
+                         "export the adapters (without --merge) instead")
+    from huggingface_hub import save_torch_state_dict
+
+    base = Path(model_config.path)
+    rename = NATIVE[model_config.kind][1]
+    theirs = {rename(name): name for name in checkpoint_tensors(base) if rename(name) is not None}
+    state = {theirs[ours]: tensor.detach().contiguous() for ours, tensor in model.state_dict().items()
+             if ours in theirs}
+    if len(state) != len(theirs):
+        raise ValueError(f"the trained model's weights do not match the base checkpoint's in {str(base)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in base.iterdir():  # config.json, tokenizer, chat template, modeling code: all but the weights
+        if file.is_file() and not file.name.endswith(WEIGHT_FILES):
+            shutil.copy2(file, out / file.name)
+    save_torch_state_dict(state, out)
