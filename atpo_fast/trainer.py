@@ -139,8 +139,9 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.policy = distributed.wrap(self.model, config.distributed.strategy, self.dist)  # what forward runs on
         o = config.optim
+        # fused on CUDA: one kernel per step and no temporary copy of the moments (foreach would hold one)
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=o.lr, betas=(o.beta1, o.beta2),
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=self.device.type == "cuda" or None)
         self.scheduler = linear_warmup(self.optimizer, o.warmup_iters)
         self.iteration = 0
         self.bad_iters = 0
@@ -228,6 +229,7 @@ class Trainer:
                 return Updated(**sums, **self.rollout_gap(selected, old), grad_norm=grad_norm,
                                update_time=self.clock() - start, skipped="non-finite loss or gradient")
             self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # no gradient outlives the step (the rollout needs the memory)
         self.scheduler.step()
         return Updated(**sums, **self.rollout_gap(selected, old), grad_norm=grad_norm, update_time=self.clock() - start)
 
