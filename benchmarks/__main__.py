@@ -5,6 +5,7 @@
     python -m benchmarks trainer [--quick] [--layers N]   one ATPO iteration against the plain PyTorch path
     python -m benchmarks compare [--quick]   selection rules at equal budget (compare_rules)
     python -m benchmarks rollout [--quick]   rollout wall time of generate's cache modes (none, prefix, dual)
+    python -m benchmarks memory [--quick]    peak memory of a training iteration by phase: measured, and predicted
     python -m benchmarks analyze RUN_DIR     confusion-zone analysis of a run's checkpoint
     python -m benchmarks sass [--quick]      compile report: every Triton specialisation for sm_90 / sm_80, no GPU
     python -m benchmarks all [--quick]       kernels, then trainer
@@ -58,7 +59,7 @@ def cuda_kernels() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernels", "trainer", "compare", "rollout", "analyze", "sass", "all"])
+    parser.add_argument("what", choices=["kernels", "trainer", "compare", "rollout", "memory", "analyze", "sass", "all"])
     parser.add_argument("run_dir", nargs="?", help="the run folder (analyze)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")
@@ -74,6 +75,8 @@ def main() -> None:
                                                                  + ["--layers", str(args.layers)])
     if args.what == "rollout":
         importlib.import_module("benchmarks.bench_rollout").main(args.quick)
+    if args.what == "memory":
+        importlib.import_module("benchmarks.bench_memory").main(["--quick"] if args.quick else [])
     if args.what == "compare":
         importlib.import_module("benchmarks.compare_rules").main(["--quick"] if args.quick else [])
     if args.what == "analyze":

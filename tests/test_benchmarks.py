@@ -76,3 +76,23 @@ def test_compare_rules_quick(tmp_path):
     runs = json.loads(json_file.with_name(json_file.stem + "_runs.json").read_text())
     assert len(runs) == 12 and all(run["curve"] for run in runs)
     assert len(result["runs"]) == 12
+
+
+def test_memory_model_counts_the_parameters_it_predicts_for():
+    """bench_memory's parameter counts are those of the models it measures (tiny model, peft LoRA)."""
+    from atpo_fast.config import LoraConfig
+    from atpo_fast.models import TinyConfig, TinyDiffusionLM
+    from atpo_fast.models.lora import add_lora
+    from benchmarks import bench_memory
+
+    shape = dict(hidden_size=48, num_heads=4, intermediate_size=80, vocab_size=500, num_layers=3)
+    model = TinyDiffusionLM(TinyConfig(**shape))
+    assert bench_memory.Shape(**shape).parameters() == sum(p.numel() for p in model.parameters())
+    add_lora(model, LoraConfig(rank=5))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert bench_memory.Shape(**shape).lora_parameters(5) == adapters
+    llada = bench_memory.Shape(**bench_memory.LLADA_8B)
+    assert 8.0e9 < llada.parameters() < 8.1e9  # LLaDA-8B
+    rows = {(lora, ac): bench_memory.largest_micro_batch(llada, lora_rank=lora, checkpointing=ac, length=512)
+            for lora in (0, 64) for ac in (False, True)}
+    assert rows[0, True] >= rows[0, False] and rows[64, False] >= rows[0, False] and rows[64, True] >= rows[64, False]
