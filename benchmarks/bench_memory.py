@@ -11,8 +11,11 @@ live memory.
 Predicted: `predict` counts bytes from the architecture (see its docstring). It is checked against
 the measurement on CPU, then used for LLaDA-8B on one 80 GB GPU (bf16 weights, L = 512): the
 largest micro-batch of rows for full fine-tuning and LoRA r = 64, with and without checkpointing.
+On CUDA the same iteration runs at LLaDA-8B's exact shape (random weights, bf16, L = 512) at the
+predicted largest micro-batch, LoRA r = 64 and full fine-tuning, both with checkpointing: measured
+peak (torch.cuda.max_memory_allocated) and time against the prediction.
 
-    python -m benchmarks memory [--quick]
+    python -m benchmarks memory [--quick]      CPU (--quick: small shapes, no files); CUDA when there is a GPU
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from atpo_fast.ops.fused_linear_logprobs import CPU_CHUNK_BYTES, CUDA_CHUNK_BYTES
 from benchmarks.common import REPO, machine_info, print_table, write_results
 
 LLADA_VOCAB = 126464
@@ -35,8 +38,11 @@ QUICK_SHAPE = dict(hidden_size=64, num_heads=4, intermediate_size=128, vocab_siz
 # prompts of 64 characters, responses of 64 tokens: rows of L = 128; 8 responses, 8 rows each, 16 per micro-batch
 CPU_PLAN = dict(prompt=64, gen_length=64, block_length=32, steps=16, prompts=2, group=4, budget=8, micro=16, rank=16)
 QUICK_PLAN = dict(prompt=16, gen_length=16, block_length=16, steps=8, prompts=2, group=4, budget=4, micro=8, rank=4)
-LLADA_8B = dict(hidden_size=4096, num_heads=32, num_kv_heads=32, intermediate_size=12288, vocab_size=LLADA_VOCAB,
-                num_layers=32)
+LLADA_8B = dict(hidden_size=4096, num_heads=32, intermediate_size=12288, vocab_size=LLADA_VOCAB, num_layers=32)
+# CUDA: prompts of 128 characters, responses of 384 tokens (L = 512), 8 responses; micro and budget are set from
+# the predicted largest micro-batch of each setting
+CUDA_PLAN = dict(prompt=128, gen_length=384, block_length=32, steps=48, prompts=2, group=4, rank=64)
+CUDA_SETTINGS = (("lora", True), ("full", True))
 GPU_BYTES = 80e9  # one 80 GB GPU
 GPU_RESERVED = 3e9  # CUDA context, allocator fragmentation and workspaces, kept free
 SETTINGS = (("full", False), ("full", True), ("lora", False), ("lora", True))
@@ -115,7 +121,7 @@ def largest_micro_batch(shape: Shape, *, lora_rank: int, checkpointing: bool, le
     """The most rows of `length` tokens whose update fits in `budget` bytes (bf16 weights, CUDA tiles)."""
     def fits(rows):
         need = predict(shape, lora_rank=lora_rank, checkpointing=checkpointing, batch=rows, length=length,
-                       candidates=rows * 32, rows=rows, weight_bytes=2, chunk_bytes=256 * 2**20,
+                       candidates=rows * 32, rows=rows, weight_bytes=2, chunk_bytes=CUDA_CHUNK_BYTES,
                        fused_optimizer=True)
         return need["update"] <= budget
     if not fits(1):
@@ -132,8 +138,9 @@ def largest_micro_batch(shape: Shape, *, lora_rank: int, checkpointing: bool, le
 # ----------------------------------------------------------------------------- measurement (one process per setting)
 
 
-def measure(setting: str, checkpointing: bool, shape: dict, plan: dict) -> dict:
-    """Peak resident bytes per phase above the state before the model was built (run in a fresh process)."""
+def measure(setting: str, checkpointing: bool, shape: dict, plan: dict, device: str = "cpu") -> dict:
+    """Peak bytes per phase above the state before the model was built (run in a fresh process): resident
+    memory on CPU, torch.cuda.max_memory_allocated on CUDA (bf16 weights there)."""
     import torch
 
     from atpo_fast.config import load_config
@@ -143,10 +150,17 @@ def measure(setting: str, checkpointing: bool, shape: dict, plan: dict) -> dict:
     from benchmarks.common import rss_bytes
 
     torch.manual_seed(0)
-    baseline = rss_bytes("VmRSS")
-    model = TinyDiffusionLM(TinyConfig(**shape, max_length=plan["prompt"] + plan["gen_length"]))
+    cuda = device == "cuda"
+    baseline = torch.cuda.memory_allocated() if cuda else rss_bytes("VmRSS")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)  # an 8B model is built on the GPU in bf16
+    try:
+        with torch.device(device):
+            model = TinyDiffusionLM(TinyConfig(**shape, max_length=plan["prompt"] + plan["gen_length"]))
+    finally:
+        torch.set_default_dtype(default)
     config = load_config(None, [
-        "device=cpu", f"sampler.gen_length={plan['gen_length']}", f"sampler.block_length={plan['block_length']}",
+        f"device={device}", f"sampler.gen_length={plan['gen_length']}", f"sampler.block_length={plan['block_length']}",
         f"sampler.steps={plan['steps']}", f"optim.prompts_per_iter={plan['prompts']}",
         f"optim.group_size={plan['group']}", f"selection.budget={plan['budget']}",
         f"optim.micro_batch_rows={plan['micro']}", "optim.lr=1e-4", "selection.rule=uniform",
@@ -165,9 +179,15 @@ def measure(setting: str, checkpointing: bool, shape: dict, plan: dict) -> dict:
     trainer.update(trainer.select(warm_up, 0))  # first allocations; the optimizer state exists from here on
 
     def peak(fn):
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         out = fn()
-        return rss_bytes("VmHWM") - baseline, out
+        if cuda:
+            torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - baseline, out
 
     result = {}
     result["rollout"], collected = peak(lambda: collect(1))
@@ -182,10 +202,10 @@ def measure(setting: str, checkpointing: bool, shape: dict, plan: dict) -> dict:
     for single_pass in (True, False):  # the update's time with and without the separate old-log-prob pass
         trainer.single_pass_update = single_pass
         times = []
-        for _ in range(3):
-            start = time.perf_counter()
+        for _ in range(1 if cuda else 3):
+            start = trainer.clock()
             trainer.update(only_first)
-            times.append(time.perf_counter() - start)
+            times.append(trainer.clock() - start)
         result["update_s_single_pass" if single_pass else "update_s_two_pass"] = statistics.median(times)
     r0, r1, t0, t1 = first
     tokens = collected.rollout.tokens
@@ -207,9 +227,10 @@ def _first_micro_batch(selected, batch):
                                token_advantage=selected.token_advantage[t0:t1])
 
 
-def measure_in_worker(setting: str, checkpointing: bool, quick: bool) -> dict:
-    args = [sys.executable, "-m", "benchmarks.bench_memory", "--worker", setting, str(int(checkpointing))]
-    proc = subprocess.run(args + (["--quick"] if quick else []), capture_output=True, text=True, cwd=REPO,
+def measure_in_worker(setting: str, checkpointing: bool, mode: str, plan: dict) -> dict:
+    args = [sys.executable, "-m", "benchmarks.bench_memory", "--worker", setting, str(int(checkpointing)), mode,
+            json.dumps(plan)]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker {setting} checkpointing={checkpointing} failed:\n{proc.stderr[-3000:]}")
@@ -217,22 +238,33 @@ def measure_in_worker(setting: str, checkpointing: bool, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
-    parser.add_argument("--worker", nargs=2, metavar=("SETTING", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("SETTING", "CHECKPOINTING", "MODE", "PLAN"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    shape, plan = (QUICK_SHAPE, QUICK_PLAN) if args.quick else (CPU_SHAPE, CPU_PLAN)
+    shapes = {"quick": QUICK_SHAPE, "cpu": CPU_SHAPE, "cuda": LLADA_8B}
     if args.worker:
-        print(json.dumps(measure(args.worker[0], bool(int(args.worker[1])), shape, plan)))
+        setting, checkpointing, mode, plan = args.worker
+        print(json.dumps(measure(setting, bool(int(checkpointing)), shapes[mode], json.loads(plan),
+                                 "cuda" if mode == "cuda" else "cpu")))
         return []
-    from atpo_fast.ops.fused_linear_logprobs import CPU_CHUNK_BYTES
-
+    mode = "quick" if args.quick else "cuda" if torch.cuda.is_available() else "cpu"
+    shape = shapes[mode]
+    cuda = mode == "cuda"
     table, times, model = [], [], Shape(**shape)
-    for setting, checkpointing in SETTINGS:
-        got = measure_in_worker(setting, checkpointing, args.quick)
-        want = predict(model, lora_rank=plan["rank"] if setting == "lora" else 0, checkpointing=checkpointing,
-                       batch=got["batch"], length=got["length"], candidates=got["candidates"], rows=got["rows"],
-                       weight_bytes=4, chunk_bytes=CPU_CHUNK_BYTES, fused_optimizer=False)
+    for setting, checkpointing in CUDA_SETTINGS if cuda else SETTINGS:
+        plan = {"quick": QUICK_PLAN, "cpu": CPU_PLAN, "cuda": CUDA_PLAN}[mode]
+        rank = plan["rank"] if setting == "lora" else 0
+        if cuda:  # the predicted largest micro-batch, and a budget that makes at least that many rows
+            micro = largest_micro_batch(model, lora_rank=rank, checkpointing=checkpointing, length=512)
+            plan = dict(plan, micro=micro, budget=-(-micro // (plan["prompts"] * plan["group"])) + 1)
+        got = measure_in_worker(setting, checkpointing, mode, plan)
+        want = predict(model, lora_rank=rank, checkpointing=checkpointing, batch=got["batch"], length=got["length"],
+                       candidates=got["candidates"], rows=got["rows"], weight_bytes=2 if cuda else 4,
+                       chunk_bytes=CUDA_CHUNK_BYTES if cuda else CPU_CHUNK_BYTES, fused_optimizer=cuda)
         name = f"{setting}{' + checkpointing' if checkpointing else ''}"
         for phase in PHASES:
             table.append({"setting": name, "phase": phase, "measured_MiB": got[phase] / 2**20,
@@ -251,16 +283,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for s, c in SETTINGS]
     print_table(["model", "setting", "L", "largest_micro_batch_rows"], fits)
     if not args.quick:
-        notes = (f"Measured: model {shape}, run {plan} (LoRA rank {plan['rank']}), float32 on CPU; the update is "
-                 f"that of one micro-batch. Predicted by benchmarks/bench_memory.predict. LLaDA-8B: bf16 weights, "
+        measured = (f"LLaDA-8B's exact shape {shape} with random weights, bf16, run {CUDA_PLAN} at the predicted "
+                    f"largest micro-batch" if cuda else
+                    f"model {shape}, run {CPU_PLAN} (LoRA rank {CPU_PLAN['rank']}), float32 on CPU")
+        notes = (f"Measured: {measured}; the update is that of one micro-batch. Predicted by "
+                 f"benchmarks/bench_memory.predict. LLaDA-8B: bf16 weights, "
                  f"{llada.parameters() / 1e9:.2f}e9 parameters, LoRA r=64 on the 7 projections "
                  f"({llada.lora_parameters(64) / 1e6:.0f}e6), budget {GPU_BYTES / 1e9:.0f} GB minus "
-                 f"{GPU_RESERVED / 1e9:.0f} GB reserved; predicted only (no GPU measurement yet).\n\n"
+                 f"{GPU_RESERVED / 1e9:.0f} GB reserved.\n\n"
                  + "| model | setting | L | largest_micro_batch_rows |\n|---|---|---|---|\n"
                  + "".join(f"| {f['model']} | {f['setting']} | {f['L']} | {f['largest_micro_batch_rows']} |\n"
                            for f in fits)
-                 + "\nUpdate time of one micro-batch (median of 3), single pass (updates_per_batch = 1: the old "
-                 "log-probs are the update forward's own) against a separate no-grad pass first:\n\n"
+                 + "\nUpdate time of one micro-batch (median of 3 on CPU, one run on CUDA), single pass "
+                 "(updates_per_batch = 1: the old log-probs are the update forward's own) against a separate "
+                 "no-grad pass first:\n\n"
                  + "| " + " | ".join(time_columns) + " |\n" + "|---" * len(time_columns) + "|\n"
                  + "".join("| " + " | ".join(f"{t[c]:.3g}" if isinstance(t[c], float) else str(t[c])
                                              for c in time_columns) + " |\n" for t in times))

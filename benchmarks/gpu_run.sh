@@ -8,6 +8,7 @@
 #   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
 #   rows      build_step_rows, extension against the torch fallback
 #   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
+#   memory    one iteration at LLaDA-8B's shape, LoRA r=64 and full, at the memory model's largest micro-batch
 #   tests     the whole CUDA test suite, with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
@@ -17,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-540}
-STAGES=${STAGES:-build smoke compare tokens logprobs rows rollout tests}
+STAGES=${STAGES:-build smoke compare tokens logprobs rows rollout memory tests}
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATPO_RESULTS_DIR="$OUT" MAX_JOBS=${MAX_JOBS:-16}
@@ -66,6 +67,9 @@ if want rows; then
 fi
 if want rollout; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_rollout 2>&1 | tee "$OUT/gpu_rollout.log" | tail -12
+fi
+if want memory; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_memory 2>&1 | tee "$OUT/gpu_memory.log" | tail -16
 fi
 if want tests; then
     timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15

@@ -96,3 +96,11 @@ def test_memory_model_counts_the_parameters_it_predicts_for():
     rows = {(lora, ac): bench_memory.largest_micro_batch(llada, lora_rank=lora, checkpointing=ac, length=512)
             for lora in (0, 64) for ac in (False, True)}
     assert rows[0, True] >= rows[0, False] and rows[64, False] >= rows[0, False] and rows[64, True] >= rows[64, False]
+
+
+def test_memory_measurement_runs_one_setting():
+    from benchmarks import bench_memory
+
+    got = bench_memory.measure("lora", True, bench_memory.QUICK_SHAPE, bench_memory.QUICK_PLAN)
+    assert {"rollout", "old_logprobs", "update", "update_s_single_pass", "update_s_two_pass"} <= set(got)
+    assert got["rows"] == bench_memory.QUICK_PLAN["micro"] and got["length"] > bench_memory.QUICK_PLAN["gen_length"]
