@@ -29,8 +29,9 @@ MIN_MASK_RATE = 0.02
 def cache_folder(c: TrainConfig) -> Path:
     """Where this warm start is cached: keyed by everything that changes its result."""
     warm = {k: v for k, v in dataclasses.asdict(c.warmstart).items() if k != "cache_dir"}
-    key = derive_seed(json.dumps([dataclasses.asdict(c.task), dataclasses.asdict(c.model), warm,
-                                  c.sampler.gen_length], sort_keys=True))
+    # how the RL phase trains (adapters, checkpointing) does not change the warm start
+    model = {k: v for k, v in dataclasses.asdict(c.model).items() if k not in ("lora", "activation_checkpointing")}
+    key = derive_seed(json.dumps([dataclasses.asdict(c.task), model, warm, c.sampler.gen_length], sort_keys=True))
     return Path(c.warmstart.cache_dir) / f"{c.task.name}-{key:016x}"
 
 

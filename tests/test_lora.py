@@ -219,3 +219,11 @@ def test_activation_checkpointing_gives_equal_gradients(gen, lora):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_warm_start_cache_ignores_how_the_rl_phase_trains(tmp_path):
+    from atpo_fast.warmstart import cache_folder
+
+    plain = small_config(tmp_path)
+    assert cache_folder(plain) == cache_folder(small_config(tmp_path, *LORA, "model.activation_checkpointing=true"))
+    assert cache_folder(plain) != cache_folder(small_config(tmp_path, "warmstart.steps=21"))
