@@ -122,7 +122,7 @@ def analyze_run(run_dir: str | Path, samples: int = 4, temperature: float = 1.0,
     rollout = trainer.rollout(examples, samples, temperature, derive_seed(config.seed, "analysis"))
     _, correct = trainer.score(examples, samples, rollout)
     sel = config.selection
-    starts, _ = select_steps(rollout.trace, sel.budget, sel.rule, sel.mode, sel.alpha, sel.per, seed=0,
+    starts, _ = select_steps(rollout.trace, sel.budget, sel.rule, sel.mode, sel.alpha, sel.per, seed=0, tau=sel.tau,
                              token_set=sel.token_set)
     counts = torch.bincount(starts[starts >= 0], minlength=rollout.trace.num_steps)
     report = confusion_zone_report(rollout.trace, correct, counts)

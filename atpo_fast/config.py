@@ -91,6 +91,7 @@ class SelectionConfig:
     mode: Mode = "select"  # select: row [t, t + 1) per selected step; partition: selected steps start rows
     budget: int = 4  # rows per response
     alpha: float = 0.5  # hybrid rule: weight of RoEC against (1 - margin)
+    tau: float = 1.0  # surprisal rule (Drift): softmax temperature of the step draw (0: top-k by surprisal)
     per: Per = "batch"  # rank steps by batch-averaged signals or per trajectory
     token_set: TokenSet = "committed"  # signals over the tokens committed at a step, or every masked candidate
 
@@ -197,6 +198,7 @@ def check_values(config: TrainConfig) -> None:
     for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         need(0 <= value < 1, key, "a number in [0, 1)")
     need(0 <= sel.alpha <= 1, "selection.alpha", "a number in [0, 1]")
+    need(sel.tau >= 0, "selection.tau", "a number >= 0")
     need(o.group_size >= 2, "optim.group_size", "an int >= 2 (advantages compare responses to one prompt)")
     need(e.pass_k == 0 or e.pass_temperature > 0, "eval.pass_temperature", "a number > 0 when eval.pass_k > 0")
     need(s.prompts_per_call is None or s.prompts_per_call >= 1, "sampler.prompts_per_call", "an int >= 1 or null")

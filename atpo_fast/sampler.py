@@ -111,7 +111,7 @@ def denoise_step(model: DiffusionLM, tokens: torch.Tensor, attention_mask: torch
 class _TraceRecorder:
     """Collects the per-step signals into a Trace."""
 
-    FIELDS = ("entropy", "margin", "roec", "candidate_entropy", "candidate_margin", "count", "filled")
+    FIELDS = ("entropy", "margin", "roec", "surprisal", "candidate_entropy", "candidate_margin", "count", "filled")
 
     def __init__(self):
         self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
@@ -123,7 +123,8 @@ class _TraceRecorder:
         committed = step_stats(pair, decision.commit, prev_entropy=self.prev_entropy)
         candidate = step_stats(pair, candidates)
         self.prev_entropy = committed.entropy
-        values = dict(entropy=committed.entropy, margin=committed.margin, roec=committed.roec,
+        surprisal = torch.where(decision.commit, -decision.logprob, 0.0).sum(1) / committed.count  # NaN at count 0
+        values = dict(entropy=committed.entropy, margin=committed.margin, roec=committed.roec, surprisal=surprisal,
                       candidate_entropy=candidate.entropy, candidate_margin=candidate.margin, count=committed.count,
                       filled=filled)
         for name, value in values.items():

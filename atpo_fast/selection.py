@@ -7,6 +7,9 @@ that committed at least one token there (for the masked token set: that still ha
     entropy   top-k steps by H_t        margin  top-k by 1 - CM_t (lowest margin first)
     roec      top-k by RoEC_t           hybrid  (ATPO) alpha * RoEC~ + (1 - alpha) * (1 - CM)~, where ~
               is min-max normalisation over t
+    surprisal Drift / RLDF: k reached steps drawn without replacement with probability softmax(S_t / tau),
+              S_t the mean surprisal -log p of the tokens committed at t (Gumbel top-k; tau = 0: top-k)
+EGSPO's rule is entropy with per="trajectory".
 per="batch" (default) averages each signal per step index over the responses that reach it, so
 all responses share the selected steps; per="trajectory" ranks each response on its own signals.
 Ties go to the earlier step. mode="select": each selected step t is the row [t, t + 1);
@@ -27,7 +30,8 @@ from atpo_fast.trace import Trace
 
 
 def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.Tensor]:
-    """entropy, uncertainty (1 - CM), roec and reached, each [B, T], over the chosen token set."""
+    """entropy, uncertainty (1 - CM), roec, surprisal and reached, each [B, T], over the chosen token set
+    (surprisal is that of the committed tokens in both: the masked candidates have none)."""
     if token_set == "committed":
         entropy, margin, roec = trace.entropy, trace.margin, trace.roec
         reached = trace.count > 0
@@ -38,7 +42,8 @@ def step_signals(trace: Trace, token_set: str = "committed") -> dict[str, torch.
         reached = ~entropy.isnan()
     else:
         raise ValueError(f"token_set must be 'committed' or 'masked', got {token_set!r}")
-    return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "reached": reached}
+    return {"entropy": entropy, "uncertainty": 1 - margin, "roec": roec, "surprisal": trace.surprisal,
+            "reached": reached}
 
 
 def reached_sum(values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
@@ -86,14 +91,22 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
         roec, uncertainty = (torch.where(valid, signals[n], float("nan")) for n in ("roec", "uncertainty"))
         score = hybrid_score(roec, uncertainty, alpha)
     else:
-        score = signals[{"entropy": "entropy", "margin": "uncertainty", "roec": "roec"}[rule]]
+        score = signals[{"entropy": "entropy", "margin": "uncertainty", "roec": "roec", "surprisal": "surprisal"}[rule]]
     return torch.where(valid & ~score.isnan(), score, float("nan"))
+
+
+def _uniforms(seed: int | None, row_offset: int, batch: int, steps: int) -> torch.Tensor:
+    """U(0, 1) draws [batch, steps] for the responses row_offset.. of the whole batch (keyed by seed)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.rand(row_offset + batch, steps, generator=generator)[row_offset:]
 
 
 def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "select", alpha: float = 0.5,
                  per: str = "batch", seed: int | None = None, token_set: str = "committed", *,
-                 group=None, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 tau: float = 1.0, group=None, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Intervals to train on: starts, ends [B, budget] int64, -1 in both for an unused slot.
+
+    tau: the surprisal rule's softmax temperature (0: the top-k steps by surprisal, no draw).
 
     Data-parallel use: group (a torch.distributed process group) averages the per="batch" signals
     over every rank's responses; row_offset (this rank's first response in the global batch) keys
@@ -107,6 +120,8 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if not tau >= 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
     batch, steps = trace.count.shape
     starts = torch.full((batch, budget), -1, dtype=torch.int64)
     ends = starts.clone()
@@ -119,12 +134,12 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
         ends[:, :len(bounds)] = (bounds + size).clamp(max=steps)
         return starts, ends
     if rule == "random":
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         reached = step_signals(trace, token_set)["reached"].cpu()
-        draws = torch.rand(row_offset + batch, steps, generator=generator)[row_offset:]
-        score = torch.where(reached, draws, float("nan"))
+        score = torch.where(reached, _uniforms(seed, row_offset, batch, steps), float("nan"))
     else:
         score = step_scores(trace, rule, alpha, per, token_set, group).cpu()
+    if rule == "surprisal" and tau > 0:  # Gumbel top-k: k draws without replacement from softmax(score / tau)
+        score = score / tau - torch.log(-torch.log(_uniforms(seed, row_offset, batch, steps).clamp_min(1e-12)))
     for row in range(batch):
         order = torch.where(score[row].isnan(), float("-inf"), score[row]).argsort(descending=True, stable=True)
         chosen = order[:min(budget, int((~score[row].isnan()).sum()))].sort().values

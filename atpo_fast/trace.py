@@ -16,6 +16,7 @@ class Trace:
     entropy: torch.Tensor  # mean entropy over the tokens committed at the step (H_t)
     margin: torch.Tensor  # mean p1 - p2 over the tokens committed at the step (CM_t)
     roec: torch.Tensor  # |H_t - H_{t-1}|, 0 at the first step
+    surprisal: torch.Tensor  # mean -log p of the tokens committed at the step (untempered p, as sampled)
     candidate_entropy: torch.Tensor  # mean entropy over every masked candidate of the active block
     candidate_margin: torch.Tensor  # mean margin over the same candidates
     count: torch.Tensor  # int64: tokens committed from the model's prediction

@@ -174,7 +174,7 @@ class Trainer:
         # step t must mean the same on every rank: widen the trace to the longest one
         trace = rollout.trace.padded(int(d.reduce({"T": rollout.trace.num_steps}, "max", self.device)["T"]))
         starts, ends = select_steps(trace, sel.budget, sel.rule, sel.mode, sel.alpha, sel.per, seed=seed,
-                                    token_set=sel.token_set, group=d.group,
+                                    token_set=sel.token_set, tau=sel.tau, group=d.group,
                                     row_offset=collected.first_prompt * o.group_size)
         starts[~collected.informative], ends[~collected.informative] = -1, -1
         rows = build_step_rows(rollout.tokens, rollout.step_map, starts.to(self.device), ends.to(self.device),

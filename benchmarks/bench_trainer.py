@@ -81,7 +81,7 @@ class PlainTrainer(Trainer):
                 tokens, step = new, step + 1
         counts = torch.stack([(step_map == t).sum(1) for t in range(step)], 1)
         nan = torch.full(counts.shape, float("nan"), device=self.device)
-        trace = Trace(nan, nan, nan, nan, nan, counts, torch.zeros_like(counts),
+        trace = Trace(nan, nan, nan, nan, nan, nan, counts, torch.zeros_like(counts),
                       torch.zeros(step, dtype=torch.int64))
         return Rollout(tokens, step_map, trace, prompt_len, full_mask)
 

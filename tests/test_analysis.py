@@ -12,6 +12,7 @@ from atpo_fast.trace import Trace
 def synthetic_trace(entropy: torch.Tensor) -> Trace:
     batch, steps = entropy.shape
     return Trace(entropy=entropy, margin=1 - entropy / (entropy.max() + 1), roec=torch.zeros_like(entropy),
+                 surprisal=entropy,
                  candidate_entropy=entropy, candidate_margin=torch.zeros_like(entropy),
                  count=torch.ones(batch, steps, dtype=torch.int64), filled=torch.zeros(batch, steps, dtype=torch.int64),
                  block=torch.zeros(steps, dtype=torch.int64))

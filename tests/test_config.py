@@ -67,7 +67,7 @@ def test_missing_file():
 
 @pytest.mark.parametrize("override,match", [
     ("selection.rule=hybird", "'selection.rule' expects one of 'uniform', 'random', 'entropy', 'margin', 'roec', "
-                              "'hybrid', got 'hybird'"),
+                              "'hybrid', 'surprisal', got 'hybird'"),
     ("selection.mode=all", "'selection.mode' expects one of 'select', 'partition'"),
     ("sampler.remasking=top", "'sampler.remasking' expects one of"),
     ("model.dtype=float16", "'model.dtype' expects one of 'float32', 'bfloat16', got 'float16'"),

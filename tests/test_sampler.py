@@ -114,9 +114,12 @@ def test_trace_equals_step_stats_from_full_logits(model, remasking):
         want = step_stats(stats, committed, prev_entropy=prev)
         want_candidates = step_stats(stats, candidates)
         prev = want.entropy
+        logp = logits.double().log_softmax(-1).gather(-1, rollout.response[..., None]).squeeze(-1)
+        surprisal = (torch.where(committed, -logp, 0.0).sum(1) / committed.sum(1)).float()  # NaN: nothing committed
         for name, got, ref in (("entropy", rollout.trace.entropy[:, t], want.entropy),
                                ("margin", rollout.trace.margin[:, t], want.margin),
                                ("roec", rollout.trace.roec[:, t], want.roec),
+                               ("surprisal", rollout.trace.surprisal[:, t], surprisal),
                                ("candidate_entropy", rollout.trace.candidate_entropy[:, t], want_candidates.entropy),
                                ("candidate_margin", rollout.trace.candidate_margin[:, t], want_candidates.margin)):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, equal_nan=True, msg=f"{name} at step {t}")

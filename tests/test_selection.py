@@ -13,7 +13,8 @@ NAN = float("nan")
 def make_trace(entropy, margin, roec, count) -> Trace:
     entropy, margin, roec = (torch.tensor(v, dtype=torch.float32) for v in (entropy, margin, roec))
     count = torch.tensor(count)
-    return Trace(entropy=entropy, margin=margin, roec=roec, candidate_entropy=entropy, candidate_margin=margin,
+    return Trace(entropy=entropy, margin=margin, roec=roec, surprisal=entropy / 2, candidate_entropy=entropy,
+                 candidate_margin=margin,
                  count=count, filled=torch.zeros_like(count),
                  block=torch.zeros(entropy.shape[1], dtype=torch.int64))
 
@@ -59,6 +60,33 @@ def test_per_trajectory(trace):
     assert got[1] == [(1, 2), (2, 3)]
     # a budget beyond the steps a response reaches takes all of them
     assert rows(*select_steps(trace, 9, "hybrid", per="trajectory"))[1] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_surprisal_rule_at_tau_zero_is_top_k(trace):
+    """tau = 0: the top-k steps by surprisal (the fixture's surprisal is entropy / 2: the entropy rule's steps)."""
+    for per in ("batch", "trajectory"):
+        want = select_steps(trace, 2, "entropy", per=per)
+        got = select_steps(trace, 2, "surprisal", per=per, tau=0.0, seed=5)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), per
+
+
+def test_surprisal_rule_draws_steps_with_softmax_probabilities():
+    """Drift's rule: one step per response drawn with probability softmax(S_t / tau); over 40000 responses
+    the frequencies match within 4.5 standard errors; unreached steps are never drawn."""
+    surprisal = torch.tensor([0.2, 1.0, 0.5, 2.0, 0.1, NAN])
+    n, tau = 20000, 0.7
+    signal = surprisal.expand(n, -1).clone()
+    count = torch.tensor([1, 1, 1, 1, 1, 0]).expand(n, -1).clone()
+    trace = Trace(entropy=signal, margin=signal, roec=signal, surprisal=signal, candidate_entropy=signal,
+                  candidate_margin=signal, count=count, filled=torch.zeros_like(count),
+                  block=torch.zeros(6, dtype=torch.int64))
+    starts, _ = select_steps(trace, 1, "surprisal", per="trajectory", tau=tau, seed=11)
+    freq = torch.bincount(starts[:, 0], minlength=6).double() / n
+    want = torch.cat([torch.softmax(surprisal[:5].double() / tau, 0), torch.zeros(1, dtype=torch.float64)])
+    assert (freq - want).abs().max() <= 4.5 * (want * (1 - want) / n).sqrt().max(), (freq, want)
+    assert freq[5] == 0
+    two, _ = select_steps(trace, 2, "surprisal", per="trajectory", tau=tau, seed=12)
+    assert (two[:, 0] != two[:, 1]).all() and (two >= 0).all(), "without replacement"
 
 
 def test_partition_and_uniform(trace):
@@ -107,6 +135,7 @@ def test_partition_covers_every_committed_token_once():
     (dict(budget=2, rule="best"), "rule must be one of"),
     (dict(budget=2, mode="all"), "mode must be one of"),
     (dict(budget=2, alpha=1.5), r"alpha must lie in \[0, 1\]"),
+    (dict(budget=2, rule="surprisal", tau=-1.0), "tau must be >= 0"),
     (dict(budget=2, per="prompt"), "per must be 'batch' or 'trajectory'"),
     (dict(budget=2, token_set="all"), "token_set must be"),
 ])
@@ -115,7 +144,8 @@ def test_bad_arguments(trace, kwargs, match):
         select_steps(trace, **kwargs)
 
 
-@pytest.mark.parametrize("rule,per", [("random", "batch"), ("hybrid", "trajectory"), ("entropy", "trajectory")])
+@pytest.mark.parametrize("rule,per", [("random", "batch"), ("hybrid", "trajectory"), ("entropy", "trajectory"),
+                                      ("surprisal", "trajectory")])
 def test_split_batch_selects_like_the_whole_on_own_rows(trace, rule, per):
     """Rules that need no other rank's rows: a rank holding rows 1: of the batch (row_offset=1) picks
     what the whole batch picks for those rows (random draws are keyed by the global row)."""
@@ -133,7 +163,8 @@ def _two_rank_selection(rank: int, init_file: str, rules: tuple[str, ...], resul
         whole = make_trace(*BATCH_TRACE)
         mine = make_trace(*(getattr(whole, f)[rank::2].tolist() for f in ("entropy", "margin", "roec", "count")))
         for rule in rules:
-            results[rank, rule] = select_steps(mine, 2, rule, per="batch", group=dist.group.WORLD, row_offset=rank)
+            results[rank, rule] = select_steps(mine, 2, rule, per="batch", tau=0.0, group=dist.group.WORLD,
+                                               row_offset=rank)
     finally:
         dist.destroy_process_group()
 
@@ -151,14 +182,15 @@ def test_batch_average_over_two_ranks_selects_like_the_whole(tmp_path):
     whole batch picks, which neither rank's own rows would give."""
     import torch.multiprocessing as mp
 
-    rules = ("hybrid", "entropy", "margin")
+    rules = ("hybrid", "entropy", "margin", "surprisal")
     results = mp.Manager().dict()
     mp.spawn(_two_rank_selection, args=(str(tmp_path / "init"), rules, results), nprocs=2)
     whole_trace = make_trace(*BATCH_TRACE)
     for rule in rules:
-        whole = select_steps(whole_trace, 2, rule, per="batch")
+        whole = select_steps(whole_trace, 2, rule, per="batch", tau=0.0)  # tau 0: the surprisal rule draws nothing
         alone = [select_steps(make_trace(*(getattr(whole_trace, f)[rank::2].tolist()
-                                           for f in ("entropy", "margin", "roec", "count"))), 2, rule, per="batch")
+                                           for f in ("entropy", "margin", "roec", "count"))), 2, rule, per="batch",
+                              tau=0.0)
                  for rank in range(2)]
         assert any(not torch.equal(a[0], whole[0][r::2]) for r, a in enumerate(alone)), (rule, "separates nothing")
         for rank in range(2):
