@@ -257,6 +257,7 @@ class Trainer:
                 "reached": reached.sum(0), "step_entropy": reached_sum(signals["entropy"], reached),
                 "step_uncertainty": reached_sum(signals["uncertainty"], reached),
                 "step_roec": reached_sum(signals["roec"], reached),
+                "step_surprisal": reached_sum(signals["surprisal"], reached),
                 "selected_step_counts": torch.bincount(used.cpu(), minlength=trace.num_steps)}
         maxes = {"rollout_time": collected.rollout_time, "peak_memory_mb": peak_memory_mb(self.device)}
         if updated is not None:
@@ -266,7 +267,8 @@ class Trainer:
         sums, maxes = d.reduce_metrics(sums, maxes, self.device)
 
         responses, targets, reached_count = sums.pop("responses"), int(sums["targets"]), sums.pop("reached")
-        averages = {name: sums.pop(name) / reached_count for name in ("step_entropy", "step_uncertainty", "step_roec")}
+        averages = {name: sums.pop(name) / reached_count
+                    for name in ("step_entropy", "step_uncertainty", "step_roec", "step_surprisal")}
         metrics = {"iteration": self.iteration, **{k: sums[k] / responses
                                                    for k in ("reward", "accuracy", "informative_fraction")},
                    "rollout_time": maxes["rollout_time"],

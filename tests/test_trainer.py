@@ -22,7 +22,8 @@ SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate
 
 ITERATION_KEYS = {"iteration", "reward", "accuracy", "informative_fraction", "rollout_time", "tokens_per_second",
                   "rows", "targets", "loss", "kl", "clip_fraction", "grad_norm", "lr", "update_time", "peak_memory_mb",
-                  "step_entropy", "step_uncertainty", "step_roec", "step_hybrid_score", "selected_step_counts",
+                  "step_entropy", "step_uncertainty", "step_roec", "step_surprisal", "step_hybrid_score",
+                  "selected_step_counts",
                   "rollout_logprob_gap"}
 DETERMINISTIC = ("reward", "accuracy", "rows", "targets", "loss", "grad_norm", "selected_step_counts", "step_entropy")
 
