@@ -13,7 +13,7 @@ _PUBLIC = {
     "build_step_rows": "atpo_fast.ops", "fused_linear_logprobs": "atpo_fast.ops", "selected_logprobs": "atpo_fast.ops",
     "step_stats": "atpo_fast.ops", "token_stats": "atpo_fast.ops",
     "Rollout": "atpo_fast.trace", "Trace": "atpo_fast.trace", "generate": "atpo_fast.sampler",
-    "select_steps": "atpo_fast.selection",
+    "register_rule": "atpo_fast.selection", "select_steps": "atpo_fast.selection",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -87,12 +87,31 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
         valid = reached
     else:
         raise ValueError(f"per must be 'batch' or 'trajectory', got {per!r}")
-    if rule == "hybrid":
-        roec, uncertainty = (torch.where(valid, signals[n], float("nan")) for n in ("roec", "uncertainty"))
-        score = hybrid_score(roec, uncertainty, alpha)
-    else:
-        score = signals[{"entropy": "entropy", "margin": "uncertainty", "roec": "roec", "surprisal": "surprisal"}[rule]]
+    score = SCORE_RULES[rule]({name: torch.where(valid, v, float("nan")) for name, v in signals.items()
+                               if name != "reached"}, alpha)
     return torch.where(valid & ~score.isnan(), score, float("nan"))
+
+
+# rules that rank steps by a score: signals (entropy, uncertainty, roec, surprisal, each [B, T], NaN where a
+# step cannot be chosen) and alpha -> score [B, T], the highest chosen first
+SCORE_RULES = {
+    "entropy": lambda s, alpha: s["entropy"],
+    "margin": lambda s, alpha: s["uncertainty"],
+    "roec": lambda s, alpha: s["roec"],
+    "surprisal": lambda s, alpha: s["surprisal"],
+    "hybrid": lambda s, alpha: hybrid_score(s["roec"], s["uncertainty"], alpha),
+}
+
+
+def register_rule(name: str, score) -> None:
+    """Add a selection rule usable as select_steps(rule=name) and as selection.rule in a TrainConfig built in
+    code: score(signals, alpha) -> [B, T] float, higher chosen first (NaN: never), where signals holds
+    "entropy", "uncertainty" (1 - margin), "roec" and "surprisal", each [B, T] (per="batch": averaged over
+    the batch; NaN at steps that cannot be chosen). The budget, modes and data-parallel averaging apply as
+    for the built-in rules."""
+    if name in ("uniform", "random") or not callable(score):
+        raise ValueError(f"register_rule needs a new name (not 'uniform' or 'random') and a callable, got {name!r}")
+    SCORE_RULES[name] = score
 
 
 def _uniforms(seed: int | None, row_offset: int, batch: int, steps: int) -> torch.Tensor:
@@ -114,8 +133,8 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule not in ("uniform", "random") and rule not in SCORE_RULES:
+        raise ValueError(f"rule must be one of {RULES} or a registered rule, got {rule!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= alpha <= 1.0:

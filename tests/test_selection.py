@@ -89,6 +89,22 @@ def test_surprisal_rule_draws_steps_with_softmax_probabilities():
     assert (two[:, 0] != two[:, 1]).all() and (two >= 0).all(), "without replacement"
 
 
+def test_a_registered_rule_selects_by_its_score(trace):
+    from atpo_fast import register_rule
+    from atpo_fast.selection import SCORE_RULES
+
+    register_rule("lowest_entropy", lambda signals, alpha: -signals["entropy"])
+    try:
+        # per trajectory: row 0 entropies 1..5 -> steps 0, 1; row 1 reaches steps 0-2 with 2, 1, 3 -> steps 0, 1
+        assert rows(*select_steps(trace, 2, "lowest_entropy", per="trajectory")) == [[(0, 1), (1, 2)], [(0, 1), (1, 2)]]
+        with pytest.raises(ValueError, match="register_rule needs a new name"):
+            register_rule("uniform", lambda signals, alpha: signals["entropy"])
+    finally:
+        del SCORE_RULES["lowest_entropy"]
+    with pytest.raises(ValueError, match="or a registered rule"):
+        select_steps(trace, 2, "lowest_entropy")
+
+
 def test_partition_and_uniform(trace):
     starts, ends = select_steps(trace, 2, "hybrid", mode="partition")  # selected 1, 3
     assert rows(starts, ends) == [[(0, 3), (3, 5)]] * 2
