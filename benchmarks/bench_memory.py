@@ -83,11 +83,11 @@ def predict(shape: Shape, *, lora_rank: int, checkpointing: bool, batch: int, le
     dtype (adapters are float32; full fine-tuning trains the weights' own dtype). Gradients exist
     from the backward pass to the optimizer step only.
     Update, backward peak: static + gradients + the activations kept for backward, per row-token and
-    layer in the weights' dtype: the two RMSNorms keep input, normalised and output (6h), attention
-    keeps q and k after RoPE, v, its output and that output made contiguous for o_proj (3h + 2kv),
-    the MLP keeps gate, SiLU(gate), up and their product (4m); LoRA adds each adapter's rank-r
-    intermediate (7r) and drops the normalised norm inputs that only the frozen norm weights'
-    gradients need (-2h). With checkpointing a layer keeps its input (h) and one layer's
+    layer in the weights' dtype (a bytes): each of the two RMSNorms keeps its input in float32
+    (transformers upcasts it), its normalised input (for the norm weight's gradient only, so not with
+    LoRA) and its output; attention keeps q and k after RoPE, v, its output and that output made
+    contiguous for o_proj (3h + 2kv); the MLP keeps gate, SiLU(gate), up and their product (4m); LoRA
+    adds each adapter's rank-r intermediate (7r). With checkpointing a layer keeps its input (h) and one layer's
     activations are rebuilt during backward. The final norm keeps 3h; the LM head works in tiles of
     chunk_bytes (logits and their gradient); backward adds one layer's activation gradients (2 [rows
     * L, m] tensors). Update, optimizer-step peak: static + gradients + the step's temporaries (none
@@ -103,10 +103,11 @@ def predict(shape: Shape, *, lora_rank: int, checkpointing: bool, batch: int, le
     optimizer = 2 * trainable * state_bytes
     gradients = trainable * state_bytes
     a = weight_bytes
-    per_token_layer = 6 * h + 3 * h + 2 * shape.kv + 4 * m + (MODULES_PER_LAYER * r - 2 * h if r else 0)
+    norm = 4 * h + (0 if r else a * h) + a * h  # bytes per token: float32 input, normalised input, output
+    per_token_layer = 2 * norm + a * (3 * h + 2 * shape.kv + 4 * m + MODULES_PER_LAYER * r)  # bytes
     tokens = rows * length
-    layers_kept = tokens * (layers * h + per_token_layer) if checkpointing else tokens * layers * per_token_layer
-    kept = (layers_kept + tokens * 3 * h) * a
+    layers_kept = tokens * (layers * h * a + per_token_layer) if checkpointing else tokens * layers * per_token_layer
+    kept = layers_kept + tokens * norm
     backward = weights + optimizer + gradients + kept + tokens * 2 * m * a + 2 * chunk_bytes
     step = weights + optimizer + gradients + (0 if fused_optimizer else 2 * largest)
     transient = (2 * h + 3 * m) * a
