@@ -1,8 +1,8 @@
 """Confusion-zone analysis: where in the denoising trajectory do wrong answers show themselves?
 
-From rollouts with their per-step trace and correctness: the mean entropy, margin and RoEC per
-step for correct against wrong responses; how well each step's signal predicts failure (AUROC,
-with high entropy, low margin and high RoEC read as "likely wrong"); the contiguous step window
+From rollouts with their per-step trace and correctness: the mean entropy, margin, RoEC and
+surprisal per step for correct against wrong responses; how well each step's signal predicts
+failure (AUROC, with high entropy, low margin, high RoEC and high surprisal read as "likely wrong"); the contiguous step window
 whose averaged signal predicts failure best; and where a selection rule's steps fall. This
 reproduces the paper's analysis on whatever model and task the user has.
 """
@@ -17,7 +17,8 @@ import torch
 from atpo_fast.trace import Trace
 
 # signal name -> (trace field, sign that makes "larger" mean "more likely wrong")
-SIGNALS = {"entropy": ("entropy", 1.0), "margin": ("margin", -1.0), "roec": ("roec", 1.0)}
+SIGNALS = {"entropy": ("entropy", 1.0), "margin": ("margin", -1.0), "roec": ("roec", 1.0),
+           "surprisal": ("surprisal", 1.0)}
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -57,21 +58,42 @@ def column_means(values: torch.Tensor) -> torch.Tensor:
     return values.nanmean(0) if values.shape[0] else torch.full(values.shape[1:], float("nan"))
 
 
+def concentration(aurocs: list[float], share: float = 0.8) -> float:
+    """The smallest fraction of steps whose predictive power |AUROC_t - 0.5| adds up to `share` of all
+    steps' (NaN steps left out; NaN when no step has any): low means the signal sits in a few steps."""
+    power = sorted((abs(a - 0.5) for a in aurocs if a == a), reverse=True)
+    total, running = sum(power), 0.0
+    if not total:
+        return float("nan")
+    for count, p in enumerate(power, 1):
+        running += p
+        if running >= share * total - 1e-12:
+            return count / len(power)
+    return 1.0
+
+
+def _number(value: float) -> float | None:
+    """A float for JSON: NaN becomes None."""
+    return None if value != value else round(value, 6)
+
+
 def _mean(values: torch.Tensor) -> list[float | None]:
-    return [None if v != v else round(v, 6) for v in column_means(values).tolist()]
+    return [_number(v) for v in column_means(values).tolist()]
 
 
 def confusion_zone_report(trace: Trace, correct: torch.Tensor, selected_counts: torch.Tensor | None = None) -> dict:
-    """Curves, per-step AUROC and best windows for entropy, margin and RoEC; shares of selected steps."""
+    """Curves, per-step AUROC and best windows for entropy, margin, RoEC and surprisal; shares of selected steps."""
     correct = correct.bool().cpu()
     failed = ~correct
     report = {"responses": len(correct), "correct": int(correct.sum()), "steps": trace.num_steps, "signals": {}}
     for name, (field, sign) in SIGNALS.items():
         values = getattr(trace, field).float().cpu()
+        aurocs = per_step_auroc(sign * values, failed)
         report["signals"][name] = {
             "mean_correct": _mean(values[correct]), "mean_wrong": _mean(values[failed]),
-            "auroc_per_step": [None if a != a else round(a, 6) for a in per_step_auroc(sign * values, failed)],
+            "auroc_per_step": [_number(a) for a in aurocs],
             "best_window": best_window(sign * values, failed),
+            "steps_for_80pct_power": _number(concentration(aurocs)),
         }
     if selected_counts is not None:
         counts = selected_counts.float()
@@ -85,7 +107,7 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    fig, axes = plt.subplots(2, len(report["signals"]), figsize=(4.3 * len(report["signals"]), 6.5), sharex=True)
     for col, (name, data) in enumerate(report["signals"].items()):
         nan = float("nan")
         for key, color in (("mean_correct", "tab:green"), ("mean_wrong", "tab:red")):

@@ -1,14 +1,17 @@
 """Method comparison: every selection rule at the same budget and iterations, over seeds, from one warm start.
 
 Variants: uniform (TraceRL's intervals), random / entropy / margin / roec / hybrid (ATPO) in select
-and partition modes, and "all steps" (every denoising step its own row: the most expensive
-baseline). Each trains the tiny model on the default task from the same warm-start checkpoint;
-the table gives held-out greedy accuracy after training (mean and spread over seeds) with each
-variant's cost (rows and target tokens trained per iteration, update seconds per iteration), and
-a PNG shows held-out accuracy over iterations.
+and partition modes, EGSPO (entropy top-k per trajectory), Drift (surprisal sampling per
+trajectory) and "all steps" (every denoising step its own row: the most expensive baseline). Each
+trains the tiny model on the default task from the same warm-start checkpoint, and seed s means the
+same prompts and draws for every variant (paired seeds). The table gives held-out greedy accuracy
+after training (mean and spread over seeds), its paired difference to uniform with a 95%
+t-interval over seeds, and each variant's cost (rows and target tokens trained per iteration,
+update seconds per iteration); a PNG shows held-out accuracy over iterations with a band of one
+standard deviation over seeds.
 
-    python -m benchmarks.compare_rules               # full: 3 seeds, 40 iterations each (about 1.5 h on 2 cores)
-    python -m benchmarks.compare_rules --quick       # CI smoke: small model, 1 seed, 2 iterations
+    python -m benchmarks.compare_rules               # full: 5 seeds, 40 iterations each (hours on 2 cores)
+    python -m benchmarks.compare_rules --quick       # CI smoke: small model, 2 seeds, 2 iterations
 
 Re-running after an interruption reuses the finished runs and resumes the unfinished one from its
 checkpoint (a run is reused only when its saved config is the one it would run with now).
@@ -32,6 +35,10 @@ from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
 
 RULES = ("random", "entropy", "margin", "roec", "hybrid")
+# Student's t 0.975 quantiles by degrees of freedom (the 95% interval's half-width factor); 1.96 beyond 30
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
 QUICK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
          "warmstart.steps=20", "warmstart.batch_size=16", "optim.prompts_per_iter=4",
          "optim.group_size=4", "eval.size=16", "eval.pass_k=0", "eval.every=1",
@@ -43,12 +50,14 @@ def variants(steps: int) -> list[tuple[str, list[str]]]:
     out = [("uniform (TraceRL)", ["selection.rule=uniform"])]
     out += [(f"{rule}/{mode}", [f"selection.rule={rule}", f"selection.mode={mode}"])
             for rule in RULES for mode in ("select", "partition")]
+    out.append(("EGSPO (entropy per trajectory)", ["selection.rule=entropy", "selection.per=trajectory"]))
+    out.append(("Drift (surprisal sampling)", ["selection.rule=surprisal", "selection.per=trajectory"]))
     out.append(("all steps", ["selection.rule=uniform", f"selection.budget={steps}"]))
     return out
 
 
 def run_variant(name: str, overrides: list[str], seed: int, base: list[str], work: Path) -> dict:
-    slug = name.split(" ")[0].replace("/", "-") + ("-all" if name == "all steps" else "")
+    slug = name.split(" ")[0].replace("/", "-").lower() + ("-all" if name == "all steps" else "")
     run_name = f"{slug}-seed{seed}"
     config = load_config(None, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
                                                    f"logging.name={run_name}"])
@@ -70,14 +79,27 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], wor
             "update_s_per_iter": statistics.mean(m.get("update_time", 0.0) for m in iterations)}
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (NaN half-width for fewer than two values)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    df = len(values) - 1
+    factor = T975.get(df) or (T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96)
+    return mean, factor * statistics.stdev(values) / len(values) ** 0.5
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     table = []
+    uniform = {r["seed"]: r["after"]["accuracy"] for r in runs if r["variant"] == "uniform (TraceRL)"}
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
         after = [r["after"]["accuracy"] for r in mine]
+        diff, half = t_interval([r["after"]["accuracy"] - uniform[r["seed"]] for r in mine if r["seed"] in uniform])
         row = {"variant": name, "seeds": len(mine), "acc_before": mine[0]["before"]["accuracy"],
                "acc_after_mean": statistics.mean(after), "acc_after_std": statistics.pstdev(after),
-               "acc_after_min": min(after), "acc_after_max": max(after)}
+               "acc_after_min": min(after), "acc_after_max": max(after), "diff_vs_uniform": diff,
+               "ci95_low": diff - half, "ci95_high": diff + half}
         for key in ("rows_per_iter", "targets_per_iter", "update_s_per_iter"):
             row[key] = statistics.mean(r[key] for r in mine)
         pass_keys = [k for k in mine[0]["after"] if k.startswith("pass@")]
@@ -98,10 +120,14 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     for name in dict.fromkeys(r["variant"] for r in runs):
         curves = [dict(r["curve"]) for r in runs if r["variant"] == name]
         its = sorted(set.intersection(*(set(c) for c in curves)))
-        style = "-" if name.startswith(("hybrid", "uniform", "all")) else ":"
-        ax.plot(its, [statistics.mean(c[i] for c in curves) for i in its], style, marker="o", ms=3, label=name)
+        style = "-" if name.startswith(("hybrid", "uniform", "all", "EGSPO", "Drift")) else ":"
+        mean = [statistics.mean(c[i] for c in curves) for i in its]
+        spread = [statistics.pstdev([c[i] for c in curves]) for i in its]
+        line, = ax.plot(its, mean, style, marker="o", ms=3, label=name)
+        ax.fill_between(its, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                        color=line.get_color(), alpha=0.08)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
+    ax.set_ylabel("held-out greedy accuracy (mean and 1 sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -111,13 +137,13 @@ def plot_curves(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 1 seed, 2 iterations")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 2 seeds, 2 iterations")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--work-dir", default=".cache/compare_rules", help="where the runs' folders go")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the table, JSON and plot go")
     args = parser.parse_args(argv)
-    seeds, iterations = (1, 2) if args.quick else (args.seeds, args.iterations)
+    seeds, iterations = (2, 2) if args.quick else (args.seeds, args.iterations)
     work = Path(args.work_dir)
     base = (QUICK if args.quick else FULL) + [f"optim.iterations={iterations}", f"warmstart.cache_dir={work / 'warm'}"]
 
@@ -130,14 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [run_variant(name, overrides, seed, shared, work)
             for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)]
     table = summarize(runs)
-    columns = ["variant", "seeds", "acc_before", "acc_after_mean", "acc_after_std", "acc_after_min", "acc_after_max"]
+    columns = ["variant", "seeds", "acc_before", "acc_after_mean", "acc_after_std", "acc_after_min", "acc_after_max",
+               "diff_vs_uniform", "ci95_low", "ci95_high"]
     columns += [k for k in table[0] if k.startswith("pass@")] + ["rows_per_iter", "targets_per_iter",
                                                                   "update_s_per_iter"]
     print_table(columns, table)
     meta = {**machine_info(), "setting": "quick" if args.quick else "full", "iterations": iterations,
             "seeds": seeds, "budget": warm_config.selection.budget, "task": warm_config.task.name}
     notes = (f"Tiny model, task {warm_config.task.name}, {iterations} iterations, budget "
-             f"{warm_config.selection.budget} rows per response, {seeds} seed(s), one shared warm start.")
+             f"{warm_config.selection.budget} rows per response, {seeds} paired seed(s), one shared warm start. "
+             f"diff_vs_uniform: mean over seeds of (accuracy - uniform's accuracy at the same seed), with its 95% "
+             f"t-interval [ci95_low, ci95_high]; an interval that holds 0 separates nothing.")
     results_dir = Path(args.results_dir)
     name = "compare_rules_quick" if args.quick else "compare_rules"
     path = write_results(name, "Selection rules at equal budget: held-out accuracy", columns, table, meta, notes,

@@ -47,3 +47,11 @@ def test_planted_spike_is_found(gen):
     assert report["signals"]["margin"]["auroc_per_step"][7] == 1.0
     assert spike["mean_wrong"][7] > spike["mean_correct"][7] + 2.5
     assert report["selected_share"][6:9] == pytest.approx([1 / 3] * 3)
+
+
+def test_concentration_by_hand():
+    from atpo_fast.analysis import concentration
+
+    assert concentration([0.9, 0.5, 0.5, 0.6]) == 0.25  # power .4, 0, 0, .1: the first step holds 80%
+    assert concentration([0.6, 0.4, 0.6, 0.4]) == 1.0  # spread evenly: every step is needed
+    assert concentration([0.5, float("nan")]) != concentration([0.5, float("nan")])  # no power at all: NaN

@@ -64,18 +64,32 @@ def test_compare_rules_quick(tmp_path):
     (json_file,) = tmp_path.glob("compare_rules_quick_*[0-9].json")
     data = load(json_file)
     variants = [row["variant"] for row in data["rows"]]
-    assert variants[0] == "uniform (TraceRL)" and variants[-1] == "all steps" and len(variants) == 12
-    assert "hybrid/select" in variants and "roec/partition" in variants
+    assert variants[0] == "uniform (TraceRL)" and variants[-1] == "all steps" and len(variants) == 14
+    assert "hybrid/select" in variants and "roec/partition" in variants and "Drift (surprisal sampling)" in variants
     for row in data["rows"]:
-        for key in ("seeds", "acc_before", "acc_after_mean", "acc_after_std", "rows_per_iter", "targets_per_iter"):
+        for key in ("seeds", "acc_before", "acc_after_mean", "acc_after_std", "rows_per_iter", "targets_per_iter",
+                    "diff_vs_uniform", "ci95_low", "ci95_high"):
             assert key in row, key
-        assert 0 <= row["acc_after_mean"] <= 1
+        assert 0 <= row["acc_after_mean"] <= 1 and row["seeds"] == 2
+        assert row["ci95_low"] <= row["diff_vs_uniform"] <= row["ci95_high"]
     by_name = {row["variant"]: row for row in data["rows"]}
     assert by_name["all steps"]["rows_per_iter"] > by_name["hybrid/select"]["rows_per_iter"]  # the costly baseline
     assert json_file.with_suffix(".png").is_file()
     runs = json.loads(json_file.with_name(json_file.stem + "_runs.json").read_text())
-    assert len(runs) == 12 and all(run["curve"] for run in runs)
-    assert len(result["runs"]) == 12
+    assert len(runs) == 28 and all(run["curve"] for run in runs)
+    assert len(result["runs"]) == 28
+
+
+def test_paired_t_interval_by_hand():
+    from benchmarks.compare_rules import summarize, t_interval
+
+    mean, half = t_interval([0.1, 0.3, 0.2])  # sd 0.1, n 3, t(0.975, 2) = 4.303
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    runs = [{"variant": v, "seed": s, "before": {"accuracy": 0.4}, "after": {"accuracy": a}, "rows_per_iter": 1,
+             "targets_per_iter": 1, "update_s_per_iter": 1}
+            for v, accs in (("uniform (TraceRL)", (0.5, 0.6, 0.4)), ("x", (0.6, 0.9, 0.6))) for s, a in enumerate(accs)]
+    row = summarize(runs)[1]  # paired differences 0.1, 0.3, 0.2
+    assert row["diff_vs_uniform"] == pytest.approx(0.2) and row["ci95_low"] == pytest.approx(0.2 - half)
 
 
 def test_memory_model_counts_the_parameters_it_predicts_for():
