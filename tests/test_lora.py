@@ -227,3 +227,25 @@ def test_the_warm_start_cache_ignores_how_the_rl_phase_trains(tmp_path):
     plain = small_config(tmp_path)
     assert cache_folder(plain) == cache_folder(small_config(tmp_path, *LORA, "model.activation_checkpointing=true"))
     assert cache_folder(plain) != cache_folder(small_config(tmp_path, "warmstart.steps=21"))
+
+
+def test_default_targets_of_llada_remote_names_leave_its_lm_head_alone():
+    """LLaDA's own modeling file names the MLP down projection and the LM head both ff_out: the default
+    targets adapt the blocks' projections only."""
+    from torch import nn
+
+    from atpo_fast.models.lora import LLADA_REMOTE_PROJECTIONS, default_target_modules
+
+    names = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    block = nn.Module()
+    for name in names:
+        setattr(block, name, nn.Linear(8, 8, bias=False))
+    transformer = nn.Module()
+    transformer.blocks, transformer.ff_out = nn.ModuleList([block]), nn.Linear(8, 16, bias=False)
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.transformer = transformer
+    assert default_target_modules(model) == LLADA_REMOTE_PROJECTIONS
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=LLADA_REMOTE_PROJECTIONS))
+    adapted = sorted(n.rsplit(".", 3)[0] for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight"))
+    assert adapted == sorted(f"model.transformer.blocks.0.{name}" for name in names)
