@@ -12,6 +12,7 @@ standard deviation over seeds.
 
     python -m benchmarks.compare_rules               # full: 5 seeds, 40 iterations each (hours on 2 cores)
     python -m benchmarks.compare_rules --quick       # CI smoke: small model, 2 seeds, 2 iterations
+    python -m benchmarks.compare_rules --setting zones   # configs/zones.yaml: 96 digits over 48 steps
 
 Re-running after an interruption reuses the finished runs and resumes the unfinished one from its
 checkpoint (a run is reused only when its saved config is the one it would run with now).
@@ -35,14 +36,15 @@ from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
 
 RULES = ("random", "entropy", "margin", "roec", "hybrid")
+SETTINGS = {"default": None, "zones": Path(__file__).resolve().parent.parent / "configs" / "zones.yaml"}
 # Student's t 0.975 quantiles by degrees of freedom (the 95% interval's half-width factor); 1.96 beyond 30
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
         20: 2.086, 25: 2.060, 30: 2.042}
-QUICK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
+QUICK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 208}",
          "warmstart.steps=20", "warmstart.batch_size=16", "optim.prompts_per_iter=4",
          "optim.group_size=4", "eval.size=16", "eval.pass_k=0", "eval.every=1",
-         "task.options={train_size: 300, test_size: 16}"]
+         "task.options.train_size=300", "task.options.test_size=16"]
 FULL = ["eval.every=10", "eval.pass_k=0"]  # held-out greedy accuracy every 10 iterations; no pass@k sampling
 
 
@@ -56,10 +58,11 @@ def variants(steps: int) -> list[tuple[str, list[str]]]:
     return out
 
 
-def run_variant(name: str, overrides: list[str], seed: int, base: list[str], work: Path) -> dict:
+def run_variant(name: str, overrides: list[str], seed: int, base: list[str], work: Path,
+                config_file: Path | None = None) -> dict:
     slug = name.split(" ")[0].replace("/", "-").lower() + ("-all" if name == "all steps" else "")
     run_name = f"{slug}-seed{seed}"
-    config = load_config(None, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
+    config = load_config(config_file, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
                                                    f"logging.name={run_name}"])
     run_dir, saved = work / run_name, work / run_name / "config.yaml"
     same = saved.exists() and load_config(saved).to_dict() == config.to_dict()  # keys added since take defaults
@@ -139,21 +142,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 2 seeds, 2 iterations")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="default",
+                        help="the task setting: the default job, or configs/zones.yaml")
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--work-dir", default=".cache/compare_rules", help="where the runs' folders go")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the table, JSON and plot go")
     args = parser.parse_args(argv)
     seeds, iterations = (2, 2) if args.quick else (args.seeds, args.iterations)
-    work = Path(args.work_dir)
+    work = Path(args.work_dir) / args.setting
+    config_file = SETTINGS[args.setting]
     base = (QUICK if args.quick else FULL) + [f"optim.iterations={iterations}", f"warmstart.cache_dir={work / 'warm'}"]
 
-    warm_config = load_config(None, base + [f"logging.run_dir={work}"])
+    warm_config = load_config(config_file, base + [f"logging.run_dir={work}"])
     device = resolve_device(warm_config, Dist())
     task, model = build_task(warm_config), build_model(warm_config, device)
     warm_start(model, task, warm_config, device, progress=not args.quick)  # shared by every run: model.path
     shared = base + [f"model.path={cache_folder(warm_config)}", "warmstart.steps=0"]
 
-    runs = [run_variant(name, overrides, seed, shared, work)
+    runs = [run_variant(name, overrides, seed, shared, work, config_file)
             for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)]
     table = summarize(runs)
     columns = ["variant", "seeds", "acc_before", "acc_after_mean", "acc_after_std", "acc_after_min", "acc_after_max",
@@ -161,14 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
     columns += [k for k in table[0] if k.startswith("pass@")] + ["rows_per_iter", "targets_per_iter",
                                                                   "update_s_per_iter"]
     print_table(columns, table)
-    meta = {**machine_info(), "setting": "quick" if args.quick else "full", "iterations": iterations,
+    meta = {**machine_info(), "setting": args.setting, "size": "quick" if args.quick else "full", "iterations": iterations,
             "seeds": seeds, "budget": warm_config.selection.budget, "task": warm_config.task.name}
-    notes = (f"Tiny model, task {warm_config.task.name}, {iterations} iterations, budget "
+    s = warm_config.sampler
+    notes = (f"Tiny model, setting {args.setting}: task {warm_config.task.name} {warm_config.task.options}, "
+             f"{s.gen_length} response tokens over {s.steps} steps, {iterations} iterations, budget "
              f"{warm_config.selection.budget} rows per response, {seeds} paired seed(s), one shared warm start. "
              f"diff_vs_uniform: mean over seeds of (accuracy - uniform's accuracy at the same seed), with its 95% "
              f"t-interval [ci95_low, ci95_high]; an interval that holds 0 separates nothing.")
     results_dir = Path(args.results_dir)
-    name = "compare_rules_quick" if args.quick else "compare_rules"
+    name = f"compare_rules{'' if args.setting == 'default' else '_' + args.setting}{'_quick' if args.quick else ''}"
     path = write_results(name, "Selection rules at equal budget: held-out accuracy", columns, table, meta, notes,
                          results_dir=results_dir)
     plot_curves(runs, path.with_suffix(".png"))

@@ -18,6 +18,8 @@ def test_files_parse(tmp_path):
     llada = load_config(CONFIGS / "llada.yaml", cpu)
     assert (llada.model.kind, llada.model.path, llada.warmstart.steps) == ("llada", str(tmp_path), 0)
     assert load_config(CONFIGS / "dream.yaml", cpu).model.kind == "dream"
+    zones = load_config(CONFIGS / "zones.yaml")
+    assert (zones.sampler.gen_length, zones.sampler.steps, zones.task.options["puzzles"]) == (96, 48, 6)
     for name, kind in (("llada_lora.yaml", "llada"), ("dream_lora.yaml", "dream")):
         lora = load_config(CONFIGS / name, cpu)
         assert (lora.model.kind, lora.model.lora.rank, lora.model.activation_checkpointing) == (kind, 128, True)

@@ -36,6 +36,22 @@ def test_sudoku_reward():
     assert task.correct(ex, "1234341221434321") and not task.correct(ex, "1214341221434321")
 
 
+def test_sudoku_with_several_puzzles_per_prompt():
+    task = get_task("sudoku4", train_size=20, test_size=5, puzzles=3, min_blanks=4, max_blanks=6)
+    for ex in task.train + task.test:
+        parts = ex.prompt.split("=")
+        assert len(parts) == 4 and parts[3] == "" and all(len(p) == 16 for p in parts[:3])
+        assert len(ex.target) == 48 and ex.meta[0] == "".join(parts[:3])
+        assert task.reward(ex, ex.target) == 1.0 and task.correct(ex, ex.target)
+        blanks = [i for i, c in enumerate(ex.meta[0]) if c == "."]
+        wrong = list(ex.target)
+        wrong[blanks[-1]] = "5"  # the last puzzle's last blank
+        assert task.reward(ex, "".join(wrong)) == pytest.approx(1 - 1 / len(blanks))
+        assert not task.correct(ex, "".join(wrong))
+    with pytest.raises(ValueError, match="puzzles must be an int >= 1"):
+        get_task("sudoku4", puzzles=0)
+
+
 def test_countdown_reward():
     task = get_task("countdown", train_size=50, test_size=10)
     ex = Example(prompt="3 5 2 4 -> 12:", target="(3+5)*2-4", meta=((3, 5, 2, 4), 12))

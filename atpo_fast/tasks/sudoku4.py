@@ -2,6 +2,8 @@
 
 Prompt: the puzzle as 16 characters, row by row, '.' for a blank, then '='. Response: the 16
 digits of the solution. Reward: the fraction of blank cells filled right; correct: every cell right.
+With puzzles=n > 1 a prompt holds n puzzles (each followed by '=') and the response their n
+solutions one after the other (16 n digits): a longer answer, decided over many denoising steps.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ def make_puzzle(grid: str, blanks: int, rng: random.Random) -> str | None:
 @register_task("sudoku4")
 class Sudoku4(Task):
     def __init__(self, train_size: int = 4000, test_size: int = 200, min_blanks: int = 8, max_blanks: int = 11,
-                 test_grids: int = 48, seed: int = 0):
+                 test_grids: int = 48, seed: int = 0, puzzles: int = 1):
         if not 1 <= min_blanks <= max_blanks <= 12:
             raise ValueError(f"need 1 <= min_blanks <= max_blanks <= 12, got {min_blanks}, {max_blanks}")
+        if isinstance(puzzles, bool) or not isinstance(puzzles, int) or puzzles < 1:
+            raise ValueError(f"task option puzzles must be an int >= 1, got {puzzles!r}")
+        self.puzzles = puzzles
         rng = random.Random(seed)
         grids = all_grids()
         rng.shuffle(grids)
@@ -87,18 +92,21 @@ class Sudoku4(Task):
         self.train = self._examples(train_grids, train_size, min_blanks, max_blanks, rng)
         self.test = self._examples(test_grids_, test_size, min_blanks, max_blanks, rng)
 
-    @staticmethod
-    def _examples(grids, count, min_blanks, max_blanks, rng) -> list[Example]:
+    def _examples(self, grids, count, min_blanks, max_blanks, rng) -> list[Example]:
         out = []
         while len(out) < count:
-            grid = rng.choice(grids)
-            puzzle = make_puzzle(grid, rng.randint(min_blanks, max_blanks), rng)
-            if puzzle is not None:
-                out.append(Example(prompt=puzzle + "=", target=grid, meta=(puzzle,)))
+            pairs = []
+            while len(pairs) < self.puzzles:
+                grid = rng.choice(grids)
+                puzzle = make_puzzle(grid, rng.randint(min_blanks, max_blanks), rng)
+                if puzzle is not None:
+                    pairs.append((puzzle, grid))
+            out.append(Example(prompt="".join(p + "=" for p, _ in pairs), target="".join(g for _, g in pairs),
+                               meta=("".join(p for p, _ in pairs),)))
         return out
 
     def reward(self, example: Example, response: str) -> float:
-        puzzle = example.meta[0]
+        puzzle = example.meta[0]  # the puzzles' cells one after the other
         blanks = [i for i, c in enumerate(puzzle) if c == "."]
-        answer = response.strip()[:SIZE * SIZE]
+        answer = response.strip()[:len(puzzle)]
         return sum(i < len(answer) and answer[i] == example.target[i] for i in blanks) / len(blanks)
