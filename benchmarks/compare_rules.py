@@ -11,7 +11,7 @@ update seconds per iteration); a PNG shows held-out accuracy over iterations wit
 standard deviation over seeds.
 
     python -m benchmarks.compare_rules               # full: 5 seeds, 40 iterations each (hours on 2 cores)
-    python -m benchmarks.compare_rules --quick       # CI smoke: small model, 2 seeds, 2 iterations
+    python -m benchmarks.compare_rules --quick       # CI smoke: small model, 6 variants, 2 seeds, 2 iterations
     python -m benchmarks.compare_rules --setting zones   # configs/zones.yaml: 96 digits over 48 steps
 
 Re-running after an interruption reuses the finished runs and resumes the unfinished one from its
@@ -45,6 +45,8 @@ QUICK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate
          "warmstart.steps=20", "warmstart.batch_size=16", "optim.prompts_per_iter=4",
          "optim.group_size=4", "eval.size=16", "eval.pass_k=0", "eval.every=1",
          "task.options.train_size=300", "task.options.test_size=16"]
+QUICK_VARIANTS = ("uniform (TraceRL)", "hybrid/select", "hybrid/partition", "EGSPO (entropy per trajectory)",
+                  "Drift (surprisal sampling)", "all steps")  # the smoke runs these only
 FULL = ["eval.every=10", "eval.pass_k=0"]  # held-out greedy accuracy every 10 iterations; no pass@k sampling
 
 
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     shared = base + [f"model.path={cache_folder(warm_config)}", "warmstart.steps=0"]
 
     runs = [run_variant(name, overrides, seed, shared, work, config_file)
-            for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)]
+            for name, overrides in variants(warm_config.sampler.steps) for seed in range(seeds)
+            if not args.quick or name in QUICK_VARIANTS]
     table = summarize(runs)
     columns = ["variant", "seeds", "acc_before", "acc_after_mean", "acc_after_std", "acc_after_min", "acc_after_max",
                "diff_vs_uniform", "ci95_low", "ci95_high"]
