@@ -1,13 +1,13 @@
 """LoRA (peft), activation checkpointing, the single-pass update and atpo-export, on CPU."""
 
 import copy
+import importlib
 from pathlib import Path
 
 import peft
 import pytest
 import torch
 
-import importlib
 from atpo_fast import checkpoint
 from atpo_fast.cli import export_main
 from atpo_fast.config import LoraConfig, ModelConfig, load_config
