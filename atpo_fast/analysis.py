@@ -2,8 +2,9 @@
 
 From rollouts with their per-step trace and correctness: the mean entropy, margin, RoEC and
 surprisal per step for correct against wrong responses; how well each step's signal predicts
-failure (AUROC, with high entropy, low margin, high RoEC and high surprisal read as "likely wrong"); the contiguous step window
-whose averaged signal predicts failure best; and where a selection rule's steps fall. This
+failure (AUROC, with high entropy, low margin, high RoEC and high surprisal read as "likely
+wrong"); the contiguous step window whose averaged signal predicts failure best; how few steps
+hold most of that power; and where a selection rule's steps fall. This
 reproduces the paper's analysis on whatever model and task the user has.
 """
 

@@ -1,10 +1,11 @@
 """Checkpoints of a training run, and the one way to load a run folder back.
 
-A checkpoint is a torch.distributed.checkpoint (DCP) folder: the model's trainable parameters (all of
-them in full fine-tuning, the adapters alone with LoRA), the optimizer state and the trainer's own state (iteration, bad-iteration count, scheduler, random generators) as DCP stores
-them, so a run written by any number of ranks resumes on any other number. Writes are atomic:
-every rank writes into path.tmp, then rank 0 swaps it in; the previous checkpoint survives as
-path.old until the swap is done, and a reader falls back on it.
+A checkpoint is a torch.distributed.checkpoint (DCP) folder: the model's trainable parameters (all
+of them in full fine-tuning, the adapters alone with LoRA), the optimizer state and the trainer's
+own state (iteration, bad-iteration count, scheduler, random generators) as DCP stores them, so a
+run written by any number of ranks resumes on any other number. Writes are atomic: every rank
+writes into path.tmp, then rank 0 swaps it in; the previous checkpoint survives as path.old until
+the swap is done, and a reader falls back on it.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
     if find(run_dir / CHECKPOINT) is None:
         raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
     config = load_config(run_dir / CONFIG, overrides)
-    trainer = Trainer(config, run_model(config, run_dir, resolve_device(config, distributed.setup(config.distributed.backend))))
+    device = resolve_device(config, distributed.setup(config.distributed.backend))
+    trainer = Trainer(config, run_model(config, run_dir, device))
     load(trainer, run_dir / CHECKPOINT)
     return trainer
 

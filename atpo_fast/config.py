@@ -48,7 +48,8 @@ class LoraConfig:
     rank: int = 0  # adapter rank r (0: full fine-tuning)
     alpha: float = 16.0  # scaling alpha / r
     dropout: float = 0.0  # dropout on the adapters' input, in the update's forward only
-    # module names (or one regex) to adapt; null: the attention and MLP projections of every block
+    # names of the modules to adapt (a module matches when its name ends with one); null: the attention
+    # and MLP projections of every block
     target_modules: Optional[list] = None
 
 

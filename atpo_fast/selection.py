@@ -92,6 +92,7 @@ def step_scores(trace: Trace, rule: str, alpha: float = 0.5, per: str = "batch",
     return torch.where(valid & ~score.isnan(), score, float("nan"))
 
 
+INTERVAL_RULES = ("uniform", "random")  # the rules that are no score over the signals
 # rules that rank steps by a score: signals (entropy, uncertainty, roec, surprisal, each [B, T], NaN where a
 # step cannot be chosen) and alpha -> score [B, T], the highest chosen first
 SCORE_RULES = {
@@ -109,7 +110,7 @@ def register_rule(name: str, score) -> None:
     "entropy", "uncertainty" (1 - margin), "roec" and "surprisal", each [B, T] (per="batch": averaged over
     the batch; NaN at steps that cannot be chosen). The budget, modes and data-parallel averaging apply as
     for the built-in rules."""
-    if name in ("uniform", "random") or not callable(score):
+    if name in INTERVAL_RULES or not callable(score):
         raise ValueError(f"register_rule needs a new name (not 'uniform' or 'random') and a callable, got {name!r}")
     SCORE_RULES[name] = score
 
@@ -133,7 +134,7 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
-    if rule not in ("uniform", "random") and rule not in SCORE_RULES:
+    if rule not in INTERVAL_RULES and rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {RULES} or a registered rule, got {rule!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -59,7 +59,8 @@ def cuda_kernels() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernels", "trainer", "compare", "rollout", "memory", "analyze", "sass", "all"])
+    parser.add_argument("what", choices=["kernels", "trainer", "compare", "rollout", "memory", "analyze", "sass",
+                                         "all"])
     parser.add_argument("run_dir", nargs="?", help="the run folder (analyze)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")

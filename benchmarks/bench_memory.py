@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             table.append({"setting": name, "phase": phase, "measured_MiB": got[phase] / 2**20,
                           "predicted_MiB": want[phase] / 2**20, "error": want[phase] / got[phase] - 1})
         times.append({"setting": name, "rows": got["rows"], "L": got["length"],
-                      "update_s_single_pass": got["update_s_single_pass"], "update_s_two_pass": got["update_s_two_pass"],
+                      "update_s_single_pass": got["update_s_single_pass"],
+                      "update_s_two_pass": got["update_s_two_pass"],
                       "two_pass_over_single": got["update_s_two_pass"] / got["update_s_single_pass"]})
         print(f"{name}: rows {got['rows']} x L {got['length']}", flush=True)
     print_table(COLUMNS, table)

@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     columns += [k for k in table[0] if k.startswith("pass@")] + ["rows_per_iter", "targets_per_iter",
                                                                   "update_s_per_iter"]
     print_table(columns, table)
-    meta = {**machine_info(), "setting": args.setting, "size": "quick" if args.quick else "full", "iterations": iterations,
-            "seeds": seeds, "budget": warm_config.selection.budget, "task": warm_config.task.name}
+    meta = {**machine_info(), "setting": args.setting, "size": "quick" if args.quick else "full",
+            "iterations": iterations, "seeds": seeds, "budget": warm_config.selection.budget,
+            "task": warm_config.task.name}
     s = warm_config.sampler
     notes = (f"Tiny model, setting {args.setting}: task {warm_config.task.name} {warm_config.task.options}, "
              f"{s.gen_length} response tokens over {s.steps} steps, {iterations} iterations, budget "

@@ -59,10 +59,13 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    whole = train(small_config(tmp_path, "optim.iterations=4", "logging.name=whole"), progress=False)
-    train(small_config(tmp_path, "optim.iterations=2", "logging.name=split"), progress=False)
-    resumed = train(small_config(tmp_path, "optim.iterations=4", "logging.name=split"), resume=True, progress=False)
+def assert_resume_equals_uninterrupted_run(tmp_path, *extra: str) -> Path:
+    """4 iterations in one go against 2 + 2 resumed, with the config overrides `extra`: the same
+    metrics after the resume and the same final evaluation. Returns the resumed run's folder."""
+    whole = train(small_config(tmp_path, *extra, "optim.iterations=4", "logging.name=whole"), progress=False)
+    train(small_config(tmp_path, *extra, "optim.iterations=2", "logging.name=split"), progress=False)
+    resumed = train(small_config(tmp_path, *extra, "optim.iterations=4", "logging.name=split"), resume=True,
+                    progress=False)
     a, b = (read(Path(s["run_dir"]) / "metrics.jsonl") for s in (whole, resumed))
     iterations = lambda rows: [m for m in rows if "phase" not in m]  # noqa: E731
     assert [m["iteration"] for m in iterations(b)] == [0, 1, 2, 3]
@@ -71,7 +74,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             assert x.get(key) == y.get(key), (x["iteration"], key)
         assert x.get("eval") == y.get("eval")
     assert whole["after"] == resumed["after"]
-    run = Path(resumed["run_dir"])
+    return Path(resumed["run_dir"])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    run = assert_resume_equals_uninterrupted_run(tmp_path)
     for name in ("metrics.jsonl", "config.yaml", "summary.json", "training.png", "confusion_zones.png",
                  "selected_steps.png", "checkpoint/.metadata"):
         assert (run / name).is_file(), name
