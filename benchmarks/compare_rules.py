@@ -51,11 +51,14 @@ FULL = ["eval.every=10", "eval.pass_k=0"]  # held-out greedy accuracy every 10 i
 
 
 def variants(steps: int) -> list[tuple[str, list[str]]]:
-    out = [("uniform (TraceRL)", ["selection.rule=uniform"])]
+    """Every variant's name and config overrides, the published rules first: a sweep runs them in this
+    order, all seeds of one before the next, so an interrupted sweep has already paired the ones that matter."""
+    out = [("uniform (TraceRL)", ["selection.rule=uniform"]),
+           ("hybrid/select", ["selection.rule=hybrid", "selection.mode=select"]),
+           ("EGSPO (entropy per trajectory)", ["selection.rule=entropy", "selection.per=trajectory"]),
+           ("Drift (surprisal sampling)", ["selection.rule=surprisal", "selection.per=trajectory"])]
     out += [(f"{rule}/{mode}", [f"selection.rule={rule}", f"selection.mode={mode}"])
-            for rule in RULES for mode in ("select", "partition")]
-    out.append(("EGSPO (entropy per trajectory)", ["selection.rule=entropy", "selection.per=trajectory"]))
-    out.append(("Drift (surprisal sampling)", ["selection.rule=surprisal", "selection.per=trajectory"]))
+            for mode in ("select", "partition") for rule in RULES if f"{rule}/{mode}" != "hybrid/select"]
     out.append(("all steps", ["selection.rule=uniform", f"selection.budget={steps}"]))
     return out
 

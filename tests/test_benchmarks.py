@@ -64,8 +64,8 @@ def test_compare_rules_quick(tmp_path):
     (json_file,) = tmp_path.glob("compare_rules_quick_*[0-9].json")
     data = load(json_file)
     variants = [row["variant"] for row in data["rows"]]
-    assert variants == ["uniform (TraceRL)", "hybrid/select", "hybrid/partition", "EGSPO (entropy per trajectory)",
-                        "Drift (surprisal sampling)", "all steps"]
+    assert variants == ["uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
+                        "Drift (surprisal sampling)", "hybrid/partition", "all steps"]
     for row in data["rows"]:
         for key in ("seeds", "acc_before", "acc_after_mean", "acc_after_std", "rows_per_iter", "targets_per_iter",
                     "diff_vs_uniform", "ci95_low", "ci95_high"):
