@@ -29,12 +29,15 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """
     keep = ~scores.isnan()
     scores, positive = scores[keep].double(), positive[keep].bool()
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
+    n_pos = int(positive.sum())
+    n_neg = len(scores) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return ((greater + 0.5 * ties) / (len(pos) * len(neg))).item()
+    # Mann-Whitney U from ranks (tied scores share their mean rank): O(N log N), not N_pos x N_neg pairs
+    _, group, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based
+    u = mean_rank[group][positive].sum() - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).item()
 
 
 def per_step_auroc(signal: torch.Tensor, failed: torch.Tensor) -> list[float]:

@@ -9,7 +9,8 @@ ModelDtype = Literal["float32", "bfloat16"]
 Implementation = Literal["native", "remote"]  # how a LLaDA / Dream checkpoint is run (models/hf.py)
 Cache = Literal["none", "prefix", "dual"]  # the sampler's block KV cache (models/kv_cache.py)
 Remasking = Literal["low_confidence", "margin", "entropy", "random"]
-Rule = Literal["uniform", "random", "entropy", "margin", "roec", "hybrid", "surprisal"]
+# the built-in selection rules (atpo_fast.selection defines them; register_rule adds more)
+RULES = ("uniform", "random", "entropy", "margin", "roec", "hybrid", "surprisal")
 Mode = Literal["select", "partition"]
 Per = Literal["batch", "trajectory"]
 TokenSet = Literal["committed", "masked"]
@@ -20,7 +21,6 @@ BACKENDS = get_args(Backend)
 IMPLEMENTATIONS = get_args(Implementation)
 REMASKING_RULES = get_args(Remasking)
 CACHE_MODES = get_args(Cache)
-RULES = get_args(Rule)
 MODES = get_args(Mode)
 PERS = get_args(Per)
 TOKEN_SETS = get_args(TokenSet)

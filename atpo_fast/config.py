@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from atpo_fast.choices import (Backend, Cache, Device, DistBackend, Implementation, Mode, ModelDtype, ModelKind,
-                               Per, Remasking, Rule, Strategy, TokenSet)
+                               Per, Remasking, RULES, Strategy, TokenSet)
 
 DEFAULT_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"  # the tiny model's alphabet
 
@@ -88,7 +89,7 @@ class SamplerConfig:
 
 @dataclasses.dataclass
 class SelectionConfig:
-    rule: Rule = "hybrid"  # which steps become training rows (atpo_fast.selection)
+    rule: str = "hybrid"  # which steps become training rows: a built-in or registered rule (atpo_fast.selection)
     mode: Mode = "select"  # select: row [t, t + 1) per selected step; partition: selected steps start rows
     budget: int = 4  # rows per response
     alpha: float = 0.5  # hybrid rule: weight of RoEC against (1 - margin)
@@ -200,6 +201,10 @@ def check_values(config: TrainConfig) -> None:
         need(0 <= value < 1, key, "a number in [0, 1)")
     need(0 <= sel.alpha <= 1, "selection.alpha", "a number in [0, 1]")
     need(sel.tau >= 0, "selection.tau", "a number >= 0")
+    # the built-in rules, and those registered before the config loads (registering imports selection; the
+    # config itself loads without torch)
+    rules = sys.modules["atpo_fast.selection"].rule_names() if "atpo_fast.selection" in sys.modules else RULES
+    need(sel.rule in rules, "selection.rule", f"one of {', '.join(map(repr, rules))}")
     need(o.group_size >= 2, "optim.group_size", "an int >= 2 (advantages compare responses to one prompt)")
     need(e.pass_k == 0 or e.pass_temperature > 0, "eval.pass_temperature", "a number > 0 when eval.pass_k > 0")
     need(s.prompts_per_call is None or s.prompts_per_call >= 1, "sampler.prompts_per_call", "an int >= 1 or null")

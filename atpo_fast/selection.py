@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from atpo_fast.choices import MODES, RULES
+from atpo_fast.choices import MODES
 from atpo_fast.distributed import all_reduce
 from atpo_fast.trace import Trace
 
@@ -99,14 +99,19 @@ SCORE_RULES = {
     "entropy": lambda s, alpha: s["entropy"],
     "margin": lambda s, alpha: s["uncertainty"],
     "roec": lambda s, alpha: s["roec"],
-    "surprisal": lambda s, alpha: s["surprisal"],
     "hybrid": lambda s, alpha: hybrid_score(s["roec"], s["uncertainty"], alpha),
+    "surprisal": lambda s, alpha: s["surprisal"],
 }
 
 
+def rule_names() -> tuple[str, ...]:
+    """Every rule select_steps accepts: the interval rules, the built-in score rules and the registered ones."""
+    return INTERVAL_RULES + tuple(SCORE_RULES)
+
+
 def register_rule(name: str, score) -> None:
-    """Add a selection rule usable as select_steps(rule=name) and as selection.rule in a TrainConfig built in
-    code: score(signals, alpha) -> [B, T] float, higher chosen first (NaN: never), where signals holds
+    """Add a selection rule usable as select_steps(rule=name) and as selection.rule in any config loaded
+    after it (YAML and overrides included): score(signals, alpha) -> [B, T] float, higher chosen first (NaN: never), where signals holds
     "entropy", "uncertainty" (1 - margin), "roec" and "surprisal", each [B, T] (per="batch": averaged over
     the batch; NaN at steps that cannot be chosen). The budget, modes and data-parallel averaging apply as
     for the built-in rules."""
@@ -134,8 +139,8 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
-    if rule not in INTERVAL_RULES and rule not in SCORE_RULES:
-        raise ValueError(f"rule must be one of {RULES} or a registered rule, got {rule!r}")
+    if rule not in rule_names():
+        raise ValueError(f"rule must be one of {rule_names()}, got {rule!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= alpha <= 1.0:

@@ -3,7 +3,8 @@
     python -m benchmarks kernels [--quick]   every kernel benchmark: pytest-benchmark + memory on CPU,
                                              triton.testing.do_bench on CUDA; one table + JSON per run
     python -m benchmarks trainer [--quick] [--layers N]   one ATPO iteration against the plain PyTorch path
-    python -m benchmarks compare [--quick]   selection rules at equal budget (compare_rules)
+    python -m benchmarks compare [--quick] [--setting zones] [--seeds N] ...   selection rules at equal budget
+                                             (compare --help lists its options)
     python -m benchmarks rollout [--quick]   rollout wall time of generate's cache modes (none, prefix, dual)
     python -m benchmarks memory [--quick]    peak memory of a training iteration by phase: measured, and predicted
     python -m benchmarks analyze RUN_DIR     confusion-zone analysis of a run's checkpoint
@@ -57,6 +58,12 @@ def cuda_kernels() -> list[dict]:
 
 
 def main() -> None:
+    # these two parse their own options (--help included); sass re-runs itself under the Triton interpreter
+    if sys.argv[1:2] == ["sass"]:
+        raise SystemExit(importlib.import_module("benchmarks.sass").main(sys.argv[2:]))
+    if sys.argv[1:2] == ["compare"]:
+        importlib.import_module("benchmarks.compare_rules").main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernels", "trainer", "compare", "rollout", "memory", "analyze", "sass",
@@ -65,8 +72,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")
     args, rest = parser.parse_known_args()
-    if args.what == "sass":  # its own options; it re-runs itself under the Triton interpreter
-        raise SystemExit(importlib.import_module("benchmarks.sass").main(sys.argv[2:]))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.what in ("kernels", "all"):
@@ -78,8 +83,6 @@ def main() -> None:
         importlib.import_module("benchmarks.bench_rollout").main(args.quick)
     if args.what == "memory":
         importlib.import_module("benchmarks.bench_memory").main(["--quick"] if args.quick else [])
-    if args.what == "compare":
-        importlib.import_module("benchmarks.compare_rules").main(["--quick"] if args.quick else [])
     if args.what == "analyze":
         if not args.run_dir:
             parser.error("analyze needs RUN_DIR")

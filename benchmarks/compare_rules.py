@@ -144,7 +144,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 2 seeds, 2 iterations")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default",

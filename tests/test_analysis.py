@@ -28,6 +28,19 @@ def test_auroc_known_values():
     assert auroc(torch.tensor([0.9, float("nan"), 0.1, 0.2]), labels) == 1.0  # NaN entries are dropped
 
 
+def test_auroc_equals_the_pairwise_count_with_ties(gen):
+    """Fresh random scores on a coarse grid (many ties) and NaNs: the rank formula equals counting every pair."""
+    for n in (2, 7, 300):
+        scores = torch.randint(0, 5, (n,), generator=gen).double()
+        scores[torch.rand(n, generator=gen) < 0.1] = float("nan")
+        positive = torch.rand(n, generator=gen) < 0.3
+        keep = ~scores.isnan()
+        pos, neg = scores[keep & positive], scores[keep & ~positive]
+        if len(pos) and len(neg):
+            pairs = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+            assert auroc(scores, positive) == pytest.approx(pairs.item() / (len(pos) * len(neg)), abs=1e-12)
+
+
 def test_planted_spike_is_found(gen):
     """Wrong responses spike in entropy at steps 6-8 only: the AUROC peaks there and the best window is 6-9."""
     batch, steps = 200, 16

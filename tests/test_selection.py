@@ -89,9 +89,18 @@ def test_surprisal_rule_draws_steps_with_softmax_probabilities():
     assert (two[:, 0] != two[:, 1]).all() and (two >= 0).all(), "without replacement"
 
 
+def test_the_built_in_rule_names_are_the_ones_selection_defines():
+    from atpo_fast.choices import RULES  # what the config accepts without importing torch
+    from atpo_fast.selection import rule_names
+
+    assert rule_names() == RULES
+
+
 def test_a_registered_rule_selects_by_its_score(trace):
     from atpo_fast import register_rule
     from atpo_fast.selection import SCORE_RULES
+
+    from atpo_fast.config import load_config
 
     register_rule("lowest_entropy", lambda signals, alpha: -signals["entropy"])
     try:
@@ -99,10 +108,13 @@ def test_a_registered_rule_selects_by_its_score(trace):
         assert rows(*select_steps(trace, 2, "lowest_entropy", per="trajectory")) == [[(0, 1), (1, 2)], [(0, 1), (1, 2)]]
         with pytest.raises(ValueError, match="register_rule needs a new name"):
             register_rule("uniform", lambda signals, alpha: signals["entropy"])
+        assert load_config(None, ["selection.rule=lowest_entropy"]).selection.rule == "lowest_entropy"
     finally:
         del SCORE_RULES["lowest_entropy"]
-    with pytest.raises(ValueError, match="or a registered rule"):
+    with pytest.raises(ValueError, match="rule must be one of .*'surprisal'\\), got 'lowest_entropy'"):
         select_steps(trace, 2, "lowest_entropy")
+    with pytest.raises(ValueError, match="'selection.rule' expects one of .*'surprisal', got 'lowest_entropy'"):
+        load_config(None, ["selection.rule=lowest_entropy"])
 
 
 def test_partition_and_uniform(trace):
