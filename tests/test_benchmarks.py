@@ -1,6 +1,7 @@
 """The benchmark suite's quick settings: they run, and their result files parse and hold every field."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_compare_rules_quick(tmp_path):
     from benchmarks.compare_rules import main
 
     result = main(["--quick", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path)])
-    (json_file,) = tmp_path.glob("compare_rules_quick_*[0-9].json")
+    (json_file,) = tmp_path.glob("compare_rules_quick_cpu_*.json")
     data = load(json_file)
     variants = [row["variant"] for row in data["rows"]]
     assert variants == ["uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
@@ -78,6 +79,21 @@ def test_compare_rules_quick(tmp_path):
     runs = json.loads(json_file.with_name(json_file.stem + "_runs.json").read_text())
     assert len(runs) == 12 and all(run["curve"] for run in runs)
     assert len(result["runs"]) == 12
+    # the confusion-zone analysis of the published rules' checkpoints: every signal, per-step AUROC in [0, 1]
+    (analysis_file,) = tmp_path.glob("compare_rules_quick_analysis_cpu_*.json")
+    rows = load(analysis_file)["rows"]
+    assert [(row["variant"], row["signal"]) for row in rows] == [
+        (variant, signal) for variant in ("uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
+                                          "Drift (surprisal sampling)")
+        for signal in ("entropy", "margin", "roec", "surprisal")]
+    for row in rows:  # a checkpoint with only wrong (or only right) answers has no AUROC: NaN
+        assert row["checkpoints"] == 2 and row["steps"] == 16 and 0 <= row["wrong_share"] <= 1
+        if not math.isnan(row["peak_step_auroc"]):
+            assert 0 <= row["all_steps_auroc"] <= row["peak_step_auroc"] <= 1
+            assert 0 < row["steps_for_80pct_power"] <= 1
+    assert analysis_file.with_suffix(".png").is_file()
+    assert all((Path(run["run_dir"]) / "analysis.json").is_file() for run in runs if run["variant"] != "all steps"
+               and run["variant"] != "hybrid/partition")
 
 
 def test_paired_t_interval_by_hand():
@@ -90,6 +106,25 @@ def test_paired_t_interval_by_hand():
             for v, accs in (("uniform (TraceRL)", (0.5, 0.6, 0.4)), ("x", (0.6, 0.9, 0.6))) for s, a in enumerate(accs)]
     row = summarize(runs)[1]  # paired differences 0.1, 0.3, 0.2
     assert row["diff_vs_uniform"] == pytest.approx(0.2) and row["ci95_low"] == pytest.approx(0.2 - half)
+
+
+def test_analysis_summary_by_hand():
+    """Two checkpoints' reports of one signal over 4 steps: peaks, windows, means; a report without AUROCs is
+    left out of the AUROC columns but counted in the wrong share."""
+    from benchmarks.compare_rules import summarize_analysis
+
+    def report(seed, correct, aurocs, window, power):
+        return {"variant": "v", "seed": seed, "responses": 10, "correct": correct, "steps": 4, "signals": {"entropy": {
+            "auroc_per_step": aurocs, "best_window": window, "steps_for_80pct_power": power}}}
+
+    reports = [report(0, 4, [0.5, 0.9, 0.7, None], {"start": 1, "end": 3, "auroc": 0.85}, 0.5),
+               report(1, 2, [0.6, 0.6, 0.8, 0.6], {"start": 2, "end": 3, "auroc": 0.8}, 0.25),
+               report(2, 0, [None] * 4, {"start": 0, "end": 0, "auroc": float("nan")}, None)]
+    (row,) = summarize_analysis(reports)
+    assert row["checkpoints"] == 3 and row["wrong_share"] == pytest.approx((0.6 + 0.8 + 1.0) / 3)
+    assert row["peak_step_auroc"] == pytest.approx(0.85) and row["peak_step_median"] == 1.5
+    assert row["window_median"] == "1.5-3" and row["window_auroc"] == pytest.approx(0.825)
+    assert row["all_steps_auroc"] == pytest.approx((0.7 + 0.65) / 2) and row["steps_for_80pct_power"] == 0.375
 
 
 def test_memory_model_counts_the_parameters_it_predicts_for():
