@@ -62,7 +62,7 @@ def test_compare_rules_quick(tmp_path):
     from benchmarks.compare_rules import main
 
     result = main(["--quick", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path)])
-    (json_file,) = tmp_path.glob("compare_rules_quick_cpu_*.json")
+    (json_file,) = tmp_path.glob("compare_rules_quick_cpu_*[0-9].json")
     data = load(json_file)
     variants = [row["variant"] for row in data["rows"]]
     assert variants == ["uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
