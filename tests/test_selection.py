@@ -98,9 +98,8 @@ def test_the_built_in_rule_names_are_the_ones_selection_defines():
 
 def test_a_registered_rule_selects_by_its_score(trace):
     from atpo_fast import register_rule
-    from atpo_fast.selection import SCORE_RULES
-
     from atpo_fast.config import load_config
+    from atpo_fast.selection import SCORE_RULES
 
     register_rule("lowest_entropy", lambda signals, alpha: -signals["entropy"])
     try:
