@@ -13,6 +13,7 @@ of the warm-started tiny model on sudoku4, per mode.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -20,8 +21,6 @@ import torch
 from atpo_fast import generate
 from atpo_fast.config import TinyConfig
 from atpo_fast.models import TinyDiffusionLM
-import argparse
-
 from benchmarks.common import machine_info, print_table, write_results
 
 LLADA_VOCAB = 126464

@@ -40,7 +40,7 @@ from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
 
 RULES = ("random", "entropy", "margin", "roec", "hybrid")
-# setting -> (its config file over the defaults, iterations per run); a zones iteration costs ~4.5x a default one
+# setting -> (its config file over the defaults, iterations per run); a zones iteration costs ~3x a default one
 SETTINGS = {"default": (None, 40), "zones": (Path(__file__).resolve().parent.parent / "configs" / "zones.yaml", 30)}
 # Student's t 0.975 quantiles by degrees of freedom (the 95% interval's half-width factor); 1.96 beyond 30
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
