@@ -113,8 +113,8 @@ def register_rule(name: str, score) -> None:
     """Add a selection rule usable as select_steps(rule=name) and as selection.rule in any config loaded
     after it (YAML and overrides included): score(signals, alpha) -> [B, T] float, higher chosen first
     (NaN: never), where signals holds "entropy", "uncertainty" (1 - margin), "roec" and "surprisal", each
-    [B, T] (per="batch": averaged over the batch; NaN at steps that cannot be chosen). The budget, modes and data-parallel averaging apply as
-    for the built-in rules."""
+    [B, T] (per="batch": averaged over the batch; NaN at steps that cannot be chosen). The budget, modes
+    and data-parallel averaging apply as for the built-in rules."""
     if name in INTERVAL_RULES or not callable(score):
         raise ValueError(f"register_rule needs a new name (not 'uniform' or 'random') and a callable, got {name!r}")
     SCORE_RULES[name] = score
