@@ -7,7 +7,7 @@ and the share of response tokens equal to the exact ("none") rollout's (greedy, 
 Then what the approximation costs on the default job: held-out greedy accuracy and token agreement
 of the warm-started tiny model on sudoku4, per mode.
 
-    python -m benchmarks rollout [--quick]        both parts
+    python -m benchmarks rollout [--quick]        both parts (on a GPU the speed part alone)
     python -m benchmarks.bench_rollout --task     the default-job part alone (a few minutes on CPU)
 """
 
@@ -98,8 +98,10 @@ def default_task(size: int, overrides: list[str] = ()) -> list[dict]:
     return rows
 
 
-def main(quick: bool, speed: bool = True, task: bool = True) -> None:
+def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
+    """task: the default-job part; by default only without a GPU (a CPU measure: a GPU's time goes to speed)."""
     device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    task = device == "cpu" if task is None else task
     if speed:
         shape = QUICK if quick else (CUDA if device == "cuda" else CPU)
         table = rollout_times(shape, device)
@@ -129,4 +131,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
     parser.add_argument("--task", action="store_true", help="only the default-job part")
     args = parser.parse_args()
-    main(args.quick, speed=not args.task)
+    main(args.quick, speed=not args.task, task=args.task or None)

@@ -5,25 +5,29 @@
 #   smoke     CUDA correctness of every op against float64 (at most SMOKE_S=150 s)
 #   compare   .baseline/compare.py when present: an older checkout's kernels against these, side by side
 #   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
-#   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
-#   rows      build_step_rows, extension against the torch fallback
+#   layouts   the vocabulary pass's launch layouts side by side (tile, warps, prefetch depth, splits)
 #   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
 #   memory    one iteration at LLaDA-8B's shape, LoRA r=64 and full, at the memory model's largest micro-batch
+#   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
+#   rows      build_step_rows, extension against the torch fallback
 #   tests     the whole CUDA test suite, with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
-# returns them. Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
+# returns them. With PACK=<file.tgz> the folder is also packed into that one file as each stage
+# begins and at the end (the device tool returns at most 8 files):
+#   OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash benchmarks/gpu_run.sh Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel cut-cross-entropy
 #   bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-540}
-STAGES=${STAGES:-build smoke compare tokens logprobs rows rollout memory tests}
+STAGES=${STAGES:-build smoke compare tokens layouts rollout memory logprobs rows tests}
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATPO_RESULTS_DIR="$OUT" MAX_JOBS=${MAX_JOBS:-16}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-want() { [[ " $STAGES " == *" $1 "* ]] && [ "$(left)" -gt 20 ] && echo "== $1 ($(($(date +%s) - START)) s in, $(left) s left)"; }
+pack() { if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi; }
+want() { pack; [[ " $STAGES " == *" $1 "* ]] && [ "$(left)" -gt 20 ] && echo "== $1 ($(($(date +%s) - START)) s in, $(left) s left)"; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -59,11 +63,8 @@ fi
 if want tokens; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_token_stats 2>&1 | tee "$OUT/gpu_tokens.log" | tail -25
 fi
-if want logprobs; then
-    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_logprobs 2>&1 | tee "$OUT/gpu_logprobs.log" | tail -20
-fi
-if want rows; then
-    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_step_rows 2>&1 | tee "$OUT/gpu_rows.log" | tail -8
+if want layouts; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_layouts 2>&1 | tee "$OUT/gpu_layouts.log" | tail -8
 fi
 if want rollout; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_rollout 2>&1 | tee "$OUT/gpu_rollout.log" | tail -12
@@ -71,7 +72,14 @@ fi
 if want memory; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_memory 2>&1 | tee "$OUT/gpu_memory.log" | tail -16
 fi
+if want logprobs; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_logprobs 2>&1 | tee "$OUT/gpu_logprobs.log" | tail -20
+fi
+if want rows; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_step_rows 2>&1 | tee "$OUT/gpu_rows.log" | tail -8
+fi
 if want tests; then
     timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 echo "== done ($(($(date +%s) - START)) s)"
+pack
