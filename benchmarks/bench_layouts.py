@@ -1,6 +1,6 @@
 """Launch layouts of the vocabulary pass on CUDA, side by side: tile width, warps, prefetch depth, splits.
 
-What picks kernels/token_stats.py's defaults. Device time of one call replayed from a CUDA graph
+What picks the statistics pass's defaults (kernels/utils.py: stats_block_v). Device time of one call replayed from a CUDA graph
 (do_bench_cudagraph), as a percent of a measured device-to-device copy of the bf16 logits' bytes
 (read once), for V = 126464 and N = 256 and 4096: greedy token_stats (T=0), sampling (T=1) and the
 log-sum-exp pass of selected_logprobs' forward (lse). Each layout is passed to softmax_row_stats
@@ -20,9 +20,9 @@ from benchmarks.common import machine_info, print_table, write_results
 VOCAB = 126464
 ROWS = (4096, 256)
 # (block_v, num_warps, prefetch, num_splits); None takes the default
-LAYOUTS = [(None, None, None, None), (2048, 8, 1, None), (2048, 8, 2, None), (2048, 8, 3, None),
-           (1024, 4, 1, None), (1024, 4, 2, None), (1024, 4, 3, None), (4096, 16, 2, None)]
-SPLITS_AT_256 = (2, 3, 4, 6, 8)  # programs per row at N = 256, 2048-wide tiles, 8 warps, the default prefetch
+LAYOUTS = [(None, None, None, None), (2048, 8, True, None), (2048, 8, False, None), (1024, 4, True, None),
+           (1024, 4, False, None), (512, 2, True, None), (4096, 16, True, None)]
+SPLITS_AT_256 = (2, 3, 4, 6, 8)  # programs per row at N = 256 with the default layout otherwise
 KINDS = {"T=0": dict(temperature=0.0), "T=1": dict(temperature=1.0, seed=1),
          "lse": dict(top2=False, entropy=False, lse=True)}
 COLUMNS = ["kind", "N", "block_v", "num_warps", "prefetch", "num_splits", "graph_ms", "pct_of_copy"]
@@ -37,13 +37,14 @@ def main() -> list[dict]:
     for rows in ROWS:
         logits = torch.randn(rows, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
         targets = torch.randint(0, VOCAB, (rows,), device="cuda")
-        layouts = LAYOUTS + ([(2048, 8, None, s) for s in SPLITS_AT_256] if rows == 256 else [])
+        layouts = LAYOUTS + ([(None, None, None, s) for s in SPLITS_AT_256] if rows == 256 else [])
         for kind, kwargs in KINDS.items():
             if kind == "lse":
                 kwargs = dict(kwargs, targets=targets)
             for block_v, num_warps, prefetch, num_splits in layouts:
                 layout = dict(block_v=block_v, num_warps=num_warps, prefetch=prefetch, num_splits=num_splits)
-                ms = do_bench_cudagraph(lambda: softmax_row_stats(logits, **kwargs, **layout), return_mode="median")
+                chosen = {k: v for k, v in layout.items() if v is not None}
+                ms = do_bench_cudagraph(lambda: softmax_row_stats(logits, **kwargs, **chosen), return_mode="median")
                 row = {"kind": kind, "N": rows, **{k: "default" if v is None else v for k, v in layout.items()},
                        "graph_ms": ms, "pct_of_copy": 100 * 2 * rows * VOCAB / ms / 1e6 / copy_gbps}
                 table.append(row)

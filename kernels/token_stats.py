@@ -30,13 +30,12 @@ import triton.language as tl
 from atpo_fast import _checks
 
 from .outputs import row_stat_outputs
-from .utils import default_num_warps, row_layout, vocab_split
+from .utils import default_num_warps, row_layout, stats_block_v, vocab_split
 
 IGNORE_INDEX = tl.constexpr(_checks.IGNORE_INDEX)  # a constexpr: jitted code may read no plain global
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 GROUP_W = 16  # lanes per sampling group
-DEFAULT_PREFETCH = 2  # whole tiles in flight ahead of the one being reduced (benchmarks/bench_layouts.py)
 _FLOAT_FIELDS = ("m", "d", "t", "top2")
 
 
@@ -78,32 +77,19 @@ def _partial_kernel(
     top2 = zeros + float("-inf")
     top1_start = tl.zeros([BLOCK_V], dtype=tl.int32) + col_start
     full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
-    # PREFETCH (0-3) whole tiles are in flight ahead of the one being reduced: x_1 is the next, x_2 the one after
-    if PREFETCH >= 1:
-        x_1 = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
-    if PREFETCH >= 2:
-        x_2 = tl.load(row_ptr + col_start + BLOCK_V + lanes, mask=col_start + BLOCK_V + lanes < full_end)
-    if PREFETCH >= 3:
-        x_3 = tl.load(row_ptr + col_start + 2 * BLOCK_V + lanes, mask=col_start + 2 * BLOCK_V + lanes < full_end)
+    if PREFETCH:
+        x_next = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
     for phase in tl.static_range(2):  # the whole tiles (unmasked loads), then the last partial one
         lo = col_start if phase == 0 else full_end
         hi = full_end if phase == 0 else col_end
         for start in tl.range(lo, hi, BLOCK_V):
             cols = start + lanes
             if phase == 0:
-                if PREFETCH == 0:
-                    x = tl.load(row_ptr + cols).to(tl.float32)
+                if PREFETCH:  # the next tile is in flight while this one is reduced
+                    x = x_next.to(tl.float32)
+                    x_next = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
                 else:
-                    x = x_1.to(tl.float32)
-                    if PREFETCH == 1:
-                        x_1 = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
-                    if PREFETCH == 2:
-                        x_1 = x_2
-                        x_2 = tl.load(row_ptr + cols + 2 * BLOCK_V, mask=cols + 2 * BLOCK_V < full_end)
-                    if PREFETCH == 3:
-                        x_1 = x_2
-                        x_2 = x_3
-                        x_3 = tl.load(row_ptr + cols + 3 * BLOCK_V, mask=cols + 3 * BLOCK_V < full_end)
+                    x = tl.load(row_ptr + cols).to(tl.float32)
             else:
                 x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
             if TOP2:
@@ -271,7 +257,7 @@ def softmax_row_stats(
     block_v: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    prefetch: int | None = None,
+    prefetch: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Launch the two kernels on logits [..., V]; returns the requested outputs, each of shape [N].
 
@@ -280,19 +266,15 @@ def softmax_row_stats(
     from softmax(logits / temperature) when temperature > 0, the argmax otherwise. Targets equal
     to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
     A seeded sample depends on block_v (the column order) but not on num_splits. block_v,
-    num_splits, num_warps (of the vocabulary pass) and prefetch (0-3: whole tiles loaded ahead of
-    the one being reduced) override the launch layout, for tests and tuning.
+    num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
+    this one) override the launch layout, for tests and tuning.
     """
-    if prefetch is None:
-        prefetch = DEFAULT_PREFETCH
-    if prefetch not in (0, 1, 2, 3):
-        raise ValueError(f"prefetch must be 0, 1, 2 or 3 (whole tiles loaded ahead), got {prefetch!r}")
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
     device = logits.device
     logits, stride_outer, stride_inner, inner_size = row_layout(logits)
-    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device, block_v,
-                                                    num_splits)
+    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device,
+                                                    block_v or stats_block_v(vocab), num_splits)
     sample = top2 and temperature > 0
     tempered = sample and temperature != 1.0
     groups = max(block_v // GROUP_W, 1)

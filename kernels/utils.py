@@ -45,13 +45,23 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def default_block_v(vocab: int, element_size: int) -> int:
-    """Tile width of the vocabulary loops: 4 KiB of logits per tile (2048 bf16/fp16, 1024 float32)."""
+    """Tile width of the log-prob backward pass: 4 KiB of logits per tile (2048 bf16/fp16, 1024 float32)."""
     return min(4096 // element_size, max(16, triton.next_power_of_2(vocab)))
 
 
+def stats_block_v(vocab: int) -> int:
+    """Tile width of the statistics pass (token_stats, log-sum-exp): 1024 columns, 4 warps, in every dtype.
+
+    Measured on an H200 (benchmarks/results/kernel_layouts_cuda_2026-11-27.md, bf16, V = 126464):
+    1024-column tiles beat 2048 and 4096 at N = 256 and 4096, greedy, sampling and log-sum-exp alike,
+    and prefetching one tile beat two or three.
+    """
+    return min(1024, max(16, triton.next_power_of_2(vocab)))
+
+
 def default_num_warps(block_v: int) -> int:
-    """Warps of a vocabulary pass: 8 columns of each tile per thread, so the per-lane state of
-    token_stats fits ~80 registers and three programs share a multiprocessor."""
+    """Warps of a vocabulary pass: 8 columns of each tile per thread (one 16-byte load of bf16), so the
+    per-lane state of token_stats fits ~80 registers."""
     return max(1, min(8, block_v // 256))
 
 

@@ -114,3 +114,22 @@ def bad_case(**changes):
 def test_bad_input(rows_backend, changes, match):
     with pytest.raises(ValueError, match=match):
         build_step_rows(**bad_case(**changes), backend=rows_backend)
+
+
+@pytest.mark.parametrize("changes", [dict(step_map=torch.full((2, 6), -2, dtype=torch.int64)),
+                                     dict(starts=torch.full((2, 3), -3, dtype=torch.int64)),
+                                     dict(starts=torch.full((2, 3), 4, dtype=torch.int64))])
+def test_bad_values_never_reach_the_extension(monkeypatch, changes):
+    """A C++ exception thrown in the extension killed the process on a CUDA machine (SIGSEGV, see
+    benchmarks/results/gpu_h200_2026-11-27.md), so bad values are refused in Python before the call."""
+
+    class Extension:
+        with_cuda = True
+
+        @staticmethod
+        def build_step_rows(*args):
+            raise AssertionError("bad values reached the extension")
+
+    monkeypatch.setattr("atpo_fast.ops.step_rows.native_extension", lambda: Extension)
+    with pytest.raises(ValueError):
+        build_step_rows(**bad_case(**changes), backend="native")

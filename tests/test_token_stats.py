@@ -137,22 +137,6 @@ def test_kernel_vocab_splits(gen, vocab, block_v, num_splits):
         torch.testing.assert_close(split["sampled_prob"], whole["sampled_prob"], equal_nan=True)
 
 
-@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
-def test_kernel_prefetch_depths(gen, prefetch):
-    """Every prefetch depth gives the same statistics and draws, also when a split holds fewer whole
-    tiles than the depth (vocab 1000 in tiles of 64 over 3 and 16 splits: 5 and 0-1 whole tiles)."""
-    logits = mixed_rows(1000, gen).to(DEVICE)
-    targets = torch.randint(0, 1000, logits.shape[:-1], generator=gen).to(DEVICE)
-    for num_splits in (1, 3, 16):
-        kwargs = dict(targets=targets, temperature=0.7, seed=3, block_v=64, num_splits=num_splits)
-        out = softmax_row_stats(logits, prefetch=prefetch, **kwargs)
-        stats = TokenStats(**{k: out[k] for k in TokenStats._fields})
-        assert_matches_reference(stats, logits, targets)
-        assert torch.equal(out["sampled"], softmax_row_stats(logits, prefetch=0, **kwargs)["sampled"])
-    with pytest.raises(ValueError, match="prefetch"):
-        softmax_row_stats(logits, prefetch=4)
-
-
 @pytest.mark.parametrize("vocab,vocab_chunk,chunk_elems", [(41, 16, 64), (1000, 128, 300)])
 def test_torch_path_chunks(gen, vocab, vocab_chunk, chunk_elems):
     logits = mixed_rows(vocab, gen)

@@ -61,7 +61,12 @@ def _check_layout(tokens, step_map, starts, ends, mask_id) -> None:
 
 
 def _check_values(step_map, starts, ends) -> None:
-    """The value checks the extension makes itself (csrc/step_rows.cpp), same messages, for the torch path."""
+    """The value checks (csrc/step_rows.cpp makes them too, with the same messages), a few device syncs.
+
+    Made in Python before either path runs: an exception thrown inside the extension crashed the
+    process on one CUDA machine (an extension built with another GCC than torch's), so user errors
+    never reach the C++ side.
+    """
     if step_map.numel() and int(step_map.min()) < -1:
         raise ValueError(f"step_map must hold steps >= 0 or -1 (prompt / never masked), found {int(step_map.min())}")
     unused = (starts == -1) | (ends == -1)
@@ -121,6 +126,7 @@ def build_step_rows(
     use_native = ext is not None and backend != "torch" and (not on_cuda or ext.with_cuda or backend == "native")
     if use_native:
         _check_layout(tokens, step_map, starts, ends, mask_id)  # user errors never reach the C++ side
+        _check_values(step_map, starts, ends)
         return StepRows(*ext.build_step_rows(tokens, step_map, starts, ends, mask_id))
     if on_cuda and backend == "auto" and not _warned_cuda_fallback:
         _warn_cuda_fallback(ext)
