@@ -9,7 +9,8 @@ the tile max:
     d      sum 2^y,  y = x * c - m * c,  c = scale * log2(e)  (per lane; one FMA per logit)
     t      sum y 2^y  (entropy = ln 2 * (log2 d - t / d))  (per lane, shifted: no cancellation)
     dt     sum 2^(y / temperature), for sampling at temperature != 1 (per lane)
-    top1, its tile start, top2: the lane's largest and second-largest logit (ties: first index)
+    top1, top2  the lane's largest and second-largest logit
+    m_col  the first column holding m (a scalar, found in the tile that raised m)
 The lanes are reduced once per program. A row holding NaN or +inf gets d = NaN, a row of only
 -inf gets d = 0: both are reported as invalid (NaN statistics, index -1).
 
@@ -75,7 +76,7 @@ def _partial_kernel(
     dt = zeros
     top1 = zeros + float("-inf")
     top2 = zeros + float("-inf")
-    top1_start = tl.zeros([BLOCK_V], dtype=tl.int32) + col_start
+    m_col = col_start
     full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
     if PREFETCH:
         x_next = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
@@ -93,7 +94,6 @@ def _partial_kernel(
             else:
                 x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
             if TOP2:
-                top1_start = tl.where(x > top1, start, top1_start)
                 top2 = tl.maximum(top2, tl.minimum(x, top1))
                 top1 = tl.maximum(top1, x)
             tile_max = tl.max(x, axis=0)
@@ -106,6 +106,8 @@ def _partial_kernel(
                 d = alpha * d
                 if TEMPERED:
                     dt = tl.where(m == float("-inf"), 0.0, tl.exp2(shift * t_ratio)) * dt
+                if TOP2:  # the first column of the row's max is in the tile that raised m last
+                    m_col = start + tl.min(tl.where(x == tile_max, lanes, BLOCK_V), axis=0)
                 m = tile_max
                 mc = mc_new
             y = tl.fma(x, c, -mc)  # x * c - m * c in one rounding; the error of m * c is common to all terms
@@ -122,11 +124,10 @@ def _partial_kernel(
     if ENTROPY:
         tl.store(part_ptr + 2 * field_stride + slot, tl.sum(t, axis=0))
     if TOP2:
-        top1_col = top1_start + lanes
-        first = tl.min(tl.where(top1 == m, top1_col, 2147483647), axis=0)
-        runner_up = tl.max(tl.where(top1_col == first, float("-inf"), top1), axis=0)
+        first_lane = tl.min(tl.where(top1 == m, lanes, BLOCK_V), axis=0)  # m once; a tie elsewhere is top2
+        runner_up = tl.max(tl.where(lanes == first_lane, float("-inf"), top1), axis=0)
         tl.store(part_ptr + 3 * field_stride + slot, tl.maximum(tl.max(top2, axis=0), runner_up))
-        tl.store(part_idx_ptr + slot, tl.where(m == float("-inf"), col_start, first))
+        tl.store(part_idx_ptr + slot, m_col)
     if SAMPLE:
         if TEMPERED:
             group_sums = tl.sum(tl.reshape(dt, (GROUPS, BLOCK_V // GROUPS)), axis=1)

@@ -137,6 +137,28 @@ def test_kernel_vocab_splits(gen, vocab, block_v, num_splits):
         torch.testing.assert_close(split["sampled_prob"], whole["sampled_prob"], equal_nan=True)
 
 
+def test_kernel_argmax_where_the_max_is_raised(gen):
+    """The argmax is found in the tile that raised the running max last: a max raised in every tile
+    (ascending row), ties in one tile, ties across tiles, a max in the partial last tile, a max equal
+    to a -inf-free row's only finite entry; top-2 ties give margin 0."""
+    vocab = 100  # tiles of 16: six whole ones and a partial one of 4 columns
+    rows = torch.randn(6, vocab, generator=gen)
+    rows[0] = torch.arange(vocab, dtype=torch.float32)  # argmax 99, in the partial tile
+    rows[1, [40, 35]] = 9.0  # a tie inside the tile [32, 48): 35
+    rows[2, [37, 5]] = 9.0  # a tie across tiles: 5
+    rows[3, [97, 3]] = torch.tensor([9.0, 8.0])  # the max in the partial tile, the runner-up in the first
+    rows[4] = float("-inf")
+    rows[4, 50] = 0.0  # one finite entry: argmax 50, top1_prob 1
+    rows[5] = rows[0].flip(0)  # the max in the first column, never raised again
+    logits = rows.to(DEVICE)
+    for num_splits in (1, 2, 7):
+        out = softmax_row_stats(logits, block_v=16, num_splits=num_splits)
+        stats = TokenStats(**{k: out.get(k) for k in TokenStats._fields})
+        assert stats.argmax.cpu().tolist() == [99, 35, 5, 97, 50, 0], num_splits
+        assert_matches_reference(stats, logits)
+        assert stats.margin[1].item() == 0.0 and stats.margin[2].item() == 0.0
+
+
 @pytest.mark.parametrize("vocab,vocab_chunk,chunk_elems", [(41, 16, 64), (1000, 128, 300)])
 def test_torch_path_chunks(gen, vocab, vocab_chunk, chunk_elems):
     logits = mixed_rows(vocab, gen)
