@@ -27,6 +27,23 @@ def test_tokenizer_round_trip():
         tok.encode("naïve")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logits_in_vocabulary_slices(bias):
+    """On CPU the LM head runs in slices of the vocabulary: the same logits as one F.linear, with the
+    last slice partial (vocab 1000 in slices of 256 columns)."""
+    gen = torch.Generator().manual_seed(0)
+    model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                       max_length=48, vocab_size=1000))
+    if bias:
+        model.head = torch.nn.Linear(32, 1000, bias=True)
+    hidden = torch.randn(7, 32, generator=gen)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(hidden, model.head.weight, model.head.bias)
+        got = model.head_logits(hidden, chunk_bytes=256 * 32 * 4)
+    assert got.shape == (7, 1000)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_tiny_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TinyDiffusionLM(SMALL).eval()

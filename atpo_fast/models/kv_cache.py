@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from atpo_fast.choices import CACHE_MODES
@@ -71,5 +70,4 @@ class BlockCache:
                                 use_cache=True, **{self.cache_arg: DynamicCache(ddp_cache_data=self.kept)})
             raw = (positions - int(self.model.shift)).clamp_min(0)  # the query that predicts each position
             hidden = out.last_hidden_state[batch_index, raw - self.q0]
-        head = self.model.lm_head
-        return F.linear(hidden, head.weight, head.bias)
+        return self.model.head_logits(hidden)
