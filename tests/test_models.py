@@ -44,6 +44,29 @@ def test_head_logits_in_vocabulary_slices(bias):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_logprobs_leave_out_mask(bias):
+    """Training's log p is the sampler's: the softmax over the vocabulary without [MASK] (float64
+    reference), with gradients in the head's bias too; a random model gives [MASK] ~1/V, so a softmax
+    that kept it would be off by ~log(1 - 1/V)."""
+    torch.manual_seed(0)
+    model = TinyDiffusionLM(SMALL)
+    if bias:
+        model.head = torch.nn.Linear(SMALL.hidden_size, model.vocab_size, bias=True)
+    ids = torch.randint(4, model.vocab_size, (2, 12))
+    ids[:, 6:] = model.mask_id
+    b, p = torch.tensor([0, 0, 1, 1]), torch.tensor([6, 9, 7, 11])
+    targets = torch.randint(4, model.vocab_size, (4,))
+    logprob = model(ids, None, b, p, targets)
+    logits = model.logits(ids).double()[b, p]
+    logits[:, model.mask_id] = float("-inf")
+    want = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logprob.double(), want, rtol=1e-5, atol=1e-5)
+    logprob.sum().backward()
+    if bias:
+        assert model.head.bias.grad[model.mask_id] == 0 and model.head.bias.grad.abs().sum() > 0
+
+
 def test_tiny_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TinyDiffusionLM(SMALL).eval()

@@ -51,7 +51,7 @@ def test_one_iteration_changes_parameters_and_logs_every_metric(tmp_path):
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the update changed no parameter"
     assert sum(metrics["selected_step_counts"]) == 4 * 16 * metrics["informative_fraction"]  # budget 4 per response
-    # the rollout samples without [MASK], the training forward keeps it in its softmax: a small gap remains
+    # rows that train several steps' tokens from their interval's first state differ from the rollout
     assert 0 <= metrics["rollout_logprob_gap"] < 0.1, metrics["rollout_logprob_gap"]
 
 
@@ -136,7 +136,7 @@ def test_llada_config_runs_a_small_checkpoint(tmp_path, gen, implementation):
             "--quiet", "--name", "llada", "device=cpu", "model.dtype=float32", f"logging.run_dir={tmp_path}",
             "sampler.gen_length=8", "sampler.block_length=4", "sampler.steps=4", "optim.iterations=1",
             "optim.prompts_per_iter=2", "optim.group_size=2", "selection.budget=2", "eval.size=2",
-            f"model.implementation={implementation}"]
+            f"model.implementation={implementation}"] + (["sampler.cache=none"] if implementation == "remote" else [])
     assert train_main(argv) == 0
     config = load_config(tmp_path / "llada" / "config.yaml")
     assert (config.model.kind, config.model.path, config.task.data) == ("llada", str(model_dir), str(data))

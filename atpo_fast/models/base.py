@@ -113,12 +113,20 @@ class DiffusionLM(nn.Module):
 
         The training entry point: hidden states at the targets only, then fused_linear_logprobs
         (the [R, V] logits are never held; the LM head runs outside autocast, in its own dtype).
+        p is the softmax over the vocabulary without [MASK], the distribution the sampler draws from.
         Being the forward, it is what DDP and FSDP hook.
         """
         hidden = self.hidden_states(input_ids, attention_mask)[batch_index, positions]
         head = self.lm_head
         with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_logprobs(hidden, head.weight, targets, bias=head.bias)
+            return fused_linear_logprobs(hidden, head.weight, targets, bias=self._bias_without_mask())
+
+    def _bias_without_mask(self) -> torch.Tensor:
+        """The LM head's bias (zeros when it has none) with -inf at mask_id: [MASK] leaves the softmax."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return bias.index_fill(0, torch.tensor([self.mask_id], device=weight.device), float("-inf"))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L, V]. Prefer logits_at: it applies the LM head to the needed positions only."""
