@@ -24,6 +24,9 @@ from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.tasks import Example, Task
 
 MIN_MASK_RATE = 0.02
+# part of the cache key: bump it when the code changes what a warm start learns (2: [MASK] left out of
+# the training softmax), so a cache made by older code is not reused
+OBJECTIVE_VERSION = 2
 
 
 def cache_folder(c: TrainConfig) -> Path:
@@ -31,7 +34,8 @@ def cache_folder(c: TrainConfig) -> Path:
     warm = {k: v for k, v in dataclasses.asdict(c.warmstart).items() if k != "cache_dir"}
     # how the RL phase trains (adapters, checkpointing) does not change the warm start
     model = {k: v for k, v in dataclasses.asdict(c.model).items() if k not in ("lora", "activation_checkpointing")}
-    key = derive_seed(json.dumps([dataclasses.asdict(c.task), model, warm, c.sampler.gen_length], sort_keys=True))
+    key = derive_seed(json.dumps([dataclasses.asdict(c.task), model, warm, c.sampler.gen_length, OBJECTIVE_VERSION],
+                                 sort_keys=True))
     return Path(c.warmstart.cache_dir) / f"{c.task.name}-{key:016x}"
 
 
