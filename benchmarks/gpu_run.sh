@@ -5,7 +5,7 @@
 #   smoke     CUDA correctness of every op against float64 (at most SMOKE_S=150 s)
 #   compare   .baseline/compare.py when present: an older checkout's kernels against these, side by side
 #   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
-#   layouts   the vocabulary pass's launch layouts side by side (tile, warps, prefetch depth, splits)
+#   layouts   the vocabulary pass's launch layouts side by side (tile, warps, prefetch, splits)
 #   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
 #   memory    one iteration at LLaDA-8B's shape, LoRA r=64 and full, at the memory model's largest micro-batch
 #   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
@@ -14,7 +14,8 @@
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. With PACK=<file.tgz> the folder is also packed into that one file as each stage
 # begins and at the end (the device tool returns at most 8 files):
-#   OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash benchmarks/gpu_run.sh Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
+#   OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash benchmarks/gpu_run.sh
+# Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel cut-cross-entropy
 #   bash benchmarks/gpu_run.sh
 set -uo pipefail
