@@ -1,8 +1,9 @@
 """selected_logprobs and fused_linear_logprobs against eager PyTorch: forward+backward time and peak memory.
 
 Eager baselines: log_softmax(logits.float()).gather (selected), and F.linear followed by that
-(fused linear); also F.linear followed by selected_logprobs, and liger-kernel's fused linear
-cross-entropy where it is installed. CUDA: N=8192, V=126464, D=4096, bf16, timed with do_bench.
+(fused linear); also F.linear followed by selected_logprobs, both with the LM head frozen too (only
+hidden gets a gradient, as under LoRA), and liger-kernel's fused linear cross-entropy and
+cut-cross-entropy where they are installed. CUDA: N=8192, V=126464, D=4096, bf16, timed with do_bench.
 CPU: N=2048, V=32000, D=512, float32 and bfloat16: time by pytest-benchmark, peak memory in a fresh
 process per variant.
 
@@ -17,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from atpo_fast import fused_linear_logprobs, selected_logprobs
-from benchmarks.common import (CPU_COLUMNS, cuda_peak_extra_bytes, machine_info, parse_args, print_table,
-                               run_cpu_suite, write_results)
+from benchmarks.common import (CPU_COLUMNS, cuda_peak_extra_bytes, machine_info, memory_in_worker, parse_args,
+                               print_table, run_cpu_suite, time_interleaved, write_results)
 
 CUDA_SHAPE = dict(n=8192, vocab=126464, dim=4096, dtype=torch.bfloat16)
 CPU_SHAPES = [dict(n=2048, vocab=32000, dim=512, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
 QUICK_SHAPE = dict(n=256, vocab=32000, dim=256, dtype=torch.float32)
+FROZEN = ("atpo_fast, frozen head", "F.linear + selected_logprobs, frozen head")
 
 
 def eager_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,10 +86,13 @@ def make_case(case: str, n: int, vocab: int, dim: int, dtype: torch.dtype, devic
             hidden.grad = weight.grad = None
         return run
 
+    frozen = weight.detach()  # a frozen LM head (LoRA): only hidden gets a gradient
     variants = {
         "atpo_fast": step(fused_linear_logprobs),
         "F.linear + selected_logprobs": step(lambda h, w, t: selected_logprobs(F.linear(h, w), t)),
         "eager": step(lambda h, w, t: eager_logprobs(F.linear(h, w), t)),
+        FROZEN[0]: step(lambda h, w, t: fused_linear_logprobs(h, frozen, t)),
+        FROZEN[1]: step(lambda h, w, t: selected_logprobs(F.linear(h, frozen), t)),
     }
     liger = _liger_logprobs()
     if liger is not None and device == "cuda":
@@ -106,9 +111,36 @@ def _shape_name(case: str, shape: dict) -> str:
 def cpu_cases(quick: bool) -> dict:
     """Forward+backward of both ops against eager, per CPU shape (see benchmarks.common.run_cpu_suite)."""
     variants = {"selected": ("eager", "atpo_fast"),
-                "fused_linear": ("eager", "atpo_fast", "F.linear + selected_logprobs")}
+                "fused_linear": ("eager", "atpo_fast", "F.linear + selected_logprobs", *FROZEN)}
     return {_shape_name(case, shape): (variants[case], functools.partial(make_case, case, **shape, device="cpu"))
             for shape in ([QUICK_SHAPE] if quick else CPU_SHAPES) for case in variants}
+
+
+def fused_cpu_interleaved(shape: dict = CPU_SHAPES[0], repeats: int = 5) -> None:
+    """fused_linear_logprobs against F.linear + selected_logprobs on CPU, trainable and frozen head,
+    forward+backward timed interleaved in one process (a few minutes; the full CPU suite takes longer).
+
+        python -c "from benchmarks.bench_logprobs import fused_cpu_interleaved as f; f()"
+    """
+    fns = make_case("fused_linear", **shape, device="cpu")
+    times = time_interleaved({name: fns[name] for name in ("F.linear + selected_logprobs", "atpo_fast", *FROZEN)},
+                             repeats)
+    baseline = {"atpo_fast": "F.linear + selected_logprobs", FROZEN[0]: FROZEN[1]}
+    case = _shape_name("fused_linear", shape)
+    peaks = {name: memory_in_worker("bench_logprobs", case, name, False) for name in (*times, "eager")}
+    rows = [{"case": case, "variant": name, "time_ms": t * 1e3,
+             "vs_unfused": t / times[baseline[name]] if name in baseline else 1.0,
+             "peak_extra_MiB": peaks[name] / 2**20, "memory_vs_eager": peaks[name] / peaks["eager"]}
+            for name, t in times.items()]
+    columns = ["case", "variant", "time_ms", "vs_unfused", "peak_extra_MiB", "memory_vs_eager"]
+    print_table(columns, rows)
+    notes = (f"Median of {repeats} forward+backward calls each, the variants interleaved in one process "
+             "(benchmarks.common.time_interleaved); vs_unfused: time over F.linear + selected_logprobs' with "
+             "the same head (trainable, or frozen: only hidden gets a gradient). Peak extra memory in a fresh "
+             "process per variant, gradients included; memory_vs_eager: against F.linear + log_softmax's.")
+    path = write_results("logprobs_fused", "fused_linear_logprobs against F.linear + selected_logprobs", columns,
+                         rows, machine_info(), notes)
+    print(f"wrote {path}")
 
 
 def bench_cuda(shape: dict) -> list[dict]:

@@ -294,6 +294,74 @@ def test_fused_linear_frozen_head(gen):
     assert_fp32_close(h.grad, ref[1])
 
 
+def frozen_head_grads(hidden, weight, bias, targets, weights, temperature, device=torch.device("cpu"), **kwargs):
+    """fused_linear_logprobs with only hidden trainable: (logp, hidden's gradient) back on the CPU."""
+    h = hidden.detach().to(device).requires_grad_()
+    logp = fused_linear_logprobs(h, weight.to(device), targets.to(device),
+                                 bias=None if bias is None else bias.to(device), temperature=temperature, **kwargs)
+    (logp * weights.to(device)).sum().backward()
+    return logp.detach().cpu(), h.grad.cpu()
+
+
+@pytest.mark.parametrize("vocab,bias,temperature,chunk_bytes,vocab_tile,peaked", [
+    (41, True, 1.0, 4 * 41 * 5, 16, False),  # several vocabulary slices and row chunks
+    (1000, False, 0.7, 4 * 1000 * 8, 32768, True),  # rows whose max grows slice after slice
+    (1000, True, 1.3, 1 << 20, 256, True),
+    (126464, False, 1.0, None, 8192, False),
+])
+def test_fused_linear_frozen_head_route(gen, monkeypatch, vocab, bias, temperature, chunk_bytes, vocab_tile, peaked):
+    """A frozen head's route (hidden's gradient from the forward's walk) against float64, with a -inf
+    logit (the [MASK] bias), ignored targets and, where peaked, logits whose row max keeps growing
+    across the vocabulary slices (every rescaling of the running sums is exercised)."""
+    monkeypatch.setattr(fll, "VOCAB_TILE", vocab_tile)
+    hidden, weight, b, targets, weights = linear_problem(37, 19, vocab, gen, bias=bias)
+    if peaked:
+        weight = weight * torch.linspace(0.5, 8.0, vocab)[:, None]
+    if b is not None:
+        b[vocab // 3] = float("-inf")
+    targets[targets == vocab // 3] = 0
+    got = frozen_head_grads(hidden, weight, b, targets, weights, temperature, device=DEVICE, chunk_bytes=chunk_bytes)
+    ref = reference_fused(hidden, weight, None if b is None else b.detach(), targets, weights, temperature)
+    assert_fp32_close(got[0], ref[0], "logprob")
+    assert_fp32_close(got[1], ref[1], "hidden")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_fused_linear_frozen_head_low_precision(gen, monkeypatch, dtype):
+    monkeypatch.setattr(fll, "VOCAB_TILE", 128)
+    hidden, weight, bias, targets, weights = linear_problem(29, 24, 500, gen, dtype=dtype)
+    got = frozen_head_grads(hidden, weight, bias, targets, weights, 0.9, device=DEVICE, chunk_bytes=4 * 128 * 8)
+    ref = reference_fused(hidden, weight, bias, targets, weights, 0.9)
+    own = torch_own_fused(hidden, weight, bias, targets, weights, 0.9)
+    assert got[1].dtype == dtype
+    assert rel_err(got[0], ref[0]) <= rel_err(own[0], ref[0]) + 1e-4
+    assert rel_err(got[1], ref[1]) <= rel_err(own[1], ref[1]) + 1e-4
+
+
+def test_fused_linear_frozen_head_recomputes_nothing(backend, gen, monkeypatch):
+    """Only hidden trainable: the backward is a scaling of the forward's gradient (no tile GEMM runs);
+    a trainable head still takes the recomputing backward; both give the same log-probs."""
+    hidden, weight, bias, targets, weights = linear_problem(9, 8, 70, gen)
+    calls = []
+    real_backward = fll._backward
+    monkeypatch.setattr(fll, "_backward", lambda *args: calls.append(1) or real_backward(*args))
+    frozen = frozen_head_grads(hidden, weight, bias, targets, weights, 0.7, device=DEVICE, backend=backend)
+    assert not calls
+    trainable = run_fused(hidden, weight, bias, targets, weights, 0.7, device=DEVICE, backend=backend)
+    assert calls
+    assert torch.equal(frozen[0], trainable[0])  # the same log-probs, bit for bit (single-pass updates rely on it)
+    assert_fp32_close(frozen[1], trainable[1].double())
+
+
+def test_fused_linear_frozen_head_gradcheck_double(gen, monkeypatch):
+    monkeypatch.setattr(fll, "VOCAB_TILE", 4)
+    hidden, weight, bias, targets, _ = linear_problem(5, 3, 9, gen)
+    h = hidden.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h: fused_linear_logprobs(h, weight.double(), targets, bias=bias.double(), temperature=0.8,
+                                        chunk_bytes=8 * 4 * 2), (h,), eps=1e-6, atol=1e-7)
+
+
 def test_fused_linear_never_holds_full_logits(gen):
     """No single allocation comes near the [N, V] logits (the profiler records every op's allocations)."""
     n, d, vocab = 256, 16, 8192
