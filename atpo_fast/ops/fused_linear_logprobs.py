@@ -43,8 +43,9 @@ NO_ONE_HOT = -1  # a tile's local target when the row's target lies in another v
 def _tile_shape(n_rows: int, vocab: int, chunk_bytes: int) -> tuple[int, int]:
     """(rows, cols) of one float32 logits tile of at most chunk_bytes: every row at once with as many
     vocabulary columns as fit (up to VOCAB_TILE), the rows chunked only below MIN_TILE_COLS columns.
-    On 2 CPU cores (N=2048, V=32000, D=512, fp32, forward+backward) all rows by 2048-4096 columns took
-    1.13-1.16x F.linear + selected_logprobs' time, 256 rows by all columns 1.26x."""
+    On 2 CPU cores (N=2048, V=32000, D=512, fp32, forward+backward, interleaved) all rows by 2048
+    columns took 1.01-1.16x F.linear + selected_logprobs' time, by 4096 1.16-1.22x, 256 rows by
+    all columns 1.24-1.26x."""
     cols = min(vocab, VOCAB_TILE, max(MIN_TILE_COLS, chunk_bytes // (4 * max(n_rows, 1))))
     return max(1, chunk_bytes // (4 * cols)), cols
 
