@@ -314,6 +314,7 @@ def test_fused_linear_frozen_head_route(gen, monkeypatch, vocab, bias, temperatu
     logit (the [MASK] bias), ignored targets and, where peaked, logits whose row max keeps growing
     across the vocabulary slices (every rescaling of the running sums is exercised)."""
     monkeypatch.setattr(fll, "VOCAB_TILE", vocab_tile)
+    monkeypatch.setattr(fll, "GATHER_ROWS", 16)  # the target rows in several gathers
     hidden, weight, b, targets, weights = linear_problem(37, 19, vocab, gen, bias=bias)
     if peaked:
         weight = weight * torch.linspace(0.5, 8.0, vocab)[:, None]

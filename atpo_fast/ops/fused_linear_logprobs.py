@@ -37,6 +37,7 @@ CUDA_CHUNK_BYTES = 256 * 2**20  # default float32 logits tile on CUDA
 CPU_CHUNK_BYTES = 16 * 2**20  # smaller on CPU: caches are smaller and nothing runs in parallel to hide
 VOCAB_TILE = 8192  # widest vocabulary slice: bounds the float32 weight-gradient slice [VOCAB_TILE, D]
 MIN_TILE_COLS = 1024  # the narrowest slice before the rows are chunked instead
+GATHER_ROWS = 1024  # target rows of the weight gathered at once (the frozen head's route)
 NO_ONE_HOT = -1  # a tile's local target when the row's target lies in another vocabulary slice
 
 
@@ -136,8 +137,12 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     logprob = torch.where(ignored, 0.0, target_logit - lse)
     if not with_hidden_grad:
         return logprob, lse, None
-    target_row = weight[targets.clamp_min(0)].to(hidden.dtype).to(wide)
-    return logprob, lse, (target_row - expected_row).mul_(scale).masked_fill_(ignored[:, None], 0.0)
+    hidden_grad = expected_row  # scale * (W[target] - expected_row), in place, a few rows' weights at a time
+    for r0 in range(0, n_rows, GATHER_ROWS):
+        part = slice(r0, r0 + GATHER_ROWS)
+        target_row = weight[targets[part].clamp_min(0)].to(hidden.dtype)
+        hidden_grad[part].sub_(target_row.to(wide)).mul_(-scale)
+    return logprob, lse, hidden_grad.masked_fill_(ignored[:, None], 0.0)
 
 
 @torch.library.custom_op("atpo_fast::fused_linear_logprobs", mutates_args=())
