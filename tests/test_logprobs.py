@@ -265,6 +265,17 @@ def test_fused_linear_low_precision(backend, gen, monkeypatch, dtype, bias):
         assert rel_err(g, r) <= rel_err(o, r) + 1e-4, name
 
 
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("bias", [True, False])
+def test_logits_tile_is_a_16_bit_gemm_rounded_once(gen, dtype, bias):
+    """A logits tile of 16-bit inputs (float32 GEMM on CPU): the exact product, rounded once."""
+    hidden, weight, b, _, _ = linear_problem(33, 200, 77, gen, bias=bias, dtype=dtype)
+    tile = fll._logits_tile(hidden.to(DEVICE), weight.to(DEVICE), None if b is None else b.to(DEVICE))
+    exact = F.linear(hidden.double(), weight.double(), None if b is None else b.double())
+    assert tile.dtype == dtype
+    assert_rounded_once(tile.cpu(), exact, "logits tile")
+
+
 def test_fused_linear_mixed_dtypes(gen):
     """bf16 hidden with an fp32 LM head (autocast training): matmuls in bf16, grads in each input's dtype."""
     hidden, weight, bias, targets, weights = linear_problem(11, 16, 300, gen)

@@ -52,7 +52,15 @@ def _tile_shape(n_rows: int, vocab: int, chunk_bytes: int) -> tuple[int, int]:
 
 
 def _logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """hidden @ weight.T + bias in hidden's dtype; hidden [R, D], weight [C, D] -> [R, C]."""
+    """hidden @ weight.T + bias in hidden's dtype; hidden [R, D], weight [C, D] -> [R, C].
+
+    On CPU, 16-bit inputs are multiplied in float32 and the result rounded once, as a 16-bit GEMM
+    with float32 accumulation gives it: this machine's CPU (AVX2, no AVX-512) ran a bf16 GEMM of
+    [2048, 32000] x [32000, 512] in 115 s, the float32 one in 0.7 s.
+    """
+    if hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16):
+        wide = _logits_tile(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return wide.to(hidden.dtype)
     return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
