@@ -119,11 +119,10 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     times its weight slice, the sum rescaled by exp(old lse - new lse) as the row's lse grows.
     """
     n_rows, work = hidden.shape[0], working_dtype(hidden.dtype)
-    wide = torch.float64 if work == torch.float64 else torch.float32
     rows, cols = _tile_shape(n_rows, weight.shape[0], chunk_bytes)
     lse = torch.full((n_rows,), float("-inf"), dtype=work, device=hidden.device)
     target_logit = torch.zeros(n_rows, dtype=work, device=hidden.device)
-    expected_row = torch.zeros(hidden.shape, dtype=wide, device=hidden.device) if with_hidden_grad else None
+    expected_row = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if with_hidden_grad else None
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
         inside, local = _local_targets(targets, v0, v1, outside=IGNORE_INDEX)
         for r0 in range(0, n_rows, rows):
@@ -137,7 +136,7 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 if scale != 1.0:
                     p.mul_(scale)
                 p.sub_(shift[:, None]).exp_()  # softmax terms against the lse so far
-                expected_row[part] *= torch.exp(lse[part] - shift).to(wide)[:, None]
+                expected_row[part] *= torch.exp(lse[part] - shift)[:, None]
                 _accumulate(expected_row[part], p.to(hidden.dtype), w)
             lse[part] = new_lse
             target_logit[part] += torch.where(inside[part], picked.to(work), 0.0)
@@ -149,7 +148,7 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     for r0 in range(0, n_rows, GATHER_ROWS):
         part = slice(r0, r0 + GATHER_ROWS)
         target_row = weight[targets[part].clamp_min(0)].to(hidden.dtype)
-        hidden_grad[part].sub_(target_row.to(wide)).mul_(-scale)
+        hidden_grad[part].sub_(target_row.to(work)).mul_(-scale)
     return logprob, lse, hidden_grad.masked_fill_(ignored[:, None], 0.0)
 
 
@@ -185,17 +184,16 @@ def _backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     grad_hidden = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
-    wide = torch.float64 if work == torch.float64 else torch.float32
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
         _, local = _local_targets(targets, v0, v1, outside=NO_ONE_HOT)
-        acc_weight = torch.zeros(v1 - v0, weight.shape[1], dtype=wide, device=weight.device) if need_weight else None
-        acc_bias = torch.zeros(v1 - v0, dtype=wide, device=weight.device) if need_bias else None
+        acc_weight = torch.zeros(v1 - v0, weight.shape[1], dtype=work, device=weight.device) if need_weight else None
+        acc_bias = torch.zeros(v1 - v0, dtype=work, device=weight.device) if need_bias else None
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
             grad_z = _tile_grad(_logits_tile(hidden[r0:r1], w, b), local[r0:r1], lse[r0:r1], grad_out[r0:r1],
                                 scale, backend)
             if need_bias:
-                acc_bias += grad_z.sum(0, dtype=wide)
+                acc_bias += grad_z.sum(0, dtype=work)
             if need_hidden:
                 _accumulate(grad_hidden[r0:r1], grad_z, w)
             if need_weight:
@@ -246,8 +244,7 @@ def _forward_frozen_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 @_forward_frozen_head.register_fake
 def _(hidden, weight, bias, targets, scale, chunk_bytes, backend):
     work = working_dtype(hidden.dtype)
-    wide = torch.float64 if work == torch.float64 else torch.float32
-    return hidden.new_empty(hidden.shape[0], dtype=work), hidden.new_empty(hidden.shape, dtype=wide)
+    return hidden.new_empty(hidden.shape[0], dtype=work), hidden.new_empty(hidden.shape, dtype=work)
 
 
 def _setup_frozen_head(ctx, inputs, output):
