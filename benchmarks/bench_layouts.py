@@ -22,7 +22,7 @@ VOCAB = 126464
 ROWS = (4096, 256)
 # (block_v, num_warps, prefetch, num_splits); None takes the default
 LAYOUTS = [(None, None, None, None), (2048, 8, True, None), (1024, 4, False, None), (2048, 4, True, None),
-           (512, 2, True, None), (512, 1, True, None), (256, 1, True, None)]
+           (1024, 2, True, None), (512, 2, True, None), (512, 1, True, None), (256, 1, True, None)]
 SPLITS_AT_256 = (2, 3, 4, 6, 8)  # programs per row at N = 256 with the default layout otherwise
 KINDS = {"T=0": dict(temperature=0.0), "T=1": dict(temperature=1.0, seed=1),
          "lse": dict(top2=False, entropy=False, lse=True)}

@@ -9,10 +9,14 @@ the tile max:
     d      sum 2^y,  y = x * c - m * c,  c = scale * log2(e)  (per lane; one FMA per logit)
     t      sum y 2^y  (entropy = ln 2 * (log2 d - t / d))  (per lane, shifted: no cancellation)
     dt     sum 2^(y / temperature), for sampling at temperature != 1 (per lane)
-    top1, top2  the lane's largest and second-largest logit
+    top1   the lane's largest logit
     m_col  the first column holding m (a scalar, found in the tile that raised m)
-The lanes are reduced once per program. A row holding NaN or +inf gets d = NaN, a row of only
--inf gets d = 0: both are reported as invalid (NaN statistics, index -1).
+The lanes are reduced once per program. The second-largest logit is the larger of the other lanes'
+top1 and the largest of m_col's own lane apart from m_col; the merge finds that one by rereading
+the columns congruent to the row's argmax modulo BLOCK_V (one strided read of V / BLOCK_V logits,
+under 2% of the row's bytes), so the loop keeps one running max per lane, not two. A row holding
+NaN or +inf gets d = NaN, a row of only -inf gets d = 0: both are reported as invalid (NaN
+statistics, index -1).
 
 Sampling draws one uniform per row from Philox keyed by (seed, row) and inverts the CDF of
 softmax(x / temperature) in a fixed column order that does not depend on the launch layout:
@@ -75,7 +79,6 @@ def _partial_kernel(
     t = zeros
     dt = zeros
     top1 = zeros + float("-inf")
-    top2 = zeros + float("-inf")
     m_col = col_start
     full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
     if PREFETCH:
@@ -94,7 +97,6 @@ def _partial_kernel(
             else:
                 x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
             if TOP2:
-                top2 = tl.maximum(top2, tl.minimum(x, top1))
                 top1 = tl.maximum(top1, x)
             tile_max = tl.max(x, axis=0)
             if tile_max > m:  # rare after the first tiles: rescale the lanes' sums to the new max
@@ -125,8 +127,8 @@ def _partial_kernel(
         tl.store(part_ptr + 2 * field_stride + slot, tl.sum(t, axis=0))
     if TOP2:
         first_lane = tl.min(tl.where(top1 == m, lanes, BLOCK_V), axis=0)  # m once; a tie elsewhere is top2
-        runner_up = tl.max(tl.where(lanes == first_lane, float("-inf"), top1), axis=0)
-        tl.store(part_ptr + 3 * field_stride + slot, tl.maximum(tl.max(top2, axis=0), runner_up))
+        runner_up = tl.max(tl.where(lanes == first_lane, float("-inf"), top1), axis=0)  # the other lanes' best
+        tl.store(part_ptr + 3 * field_stride + slot, runner_up)
         tl.store(part_idx_ptr + slot, m_col)
     if SAMPLE:
         if TEMPERED:
@@ -229,6 +231,11 @@ def _merge_kernel(
         top1_col = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + slot, mask=valid, other=0), 0), axis=0)
         top2_j = tl.load(part_ptr + 3 * field_stride + slot, mask=valid, other=float("-inf"))
         top2 = tl.maximum(tl.max(top2_j, axis=0), tl.max(tl.where(j == j_top, float("-inf"), m_j), axis=0))
+        # the argmax's own lane: the columns congruent to it modulo BLOCK_V (splits start at multiples of it)
+        same_lane = top1_col % BLOCK_V + tl.arange(0, N_TILES) * BLOCK_V
+        x_lane = tl.load(row_ptr + same_lane, mask=(same_lane < vocab) & (same_lane != top1_col),
+                         other=float("-inf")).to(tl.float32)
+        top2 = tl.maximum(top2, tl.max(x_lane, axis=0))
         e_top1 = tl.exp2(tl.fma(m, c, -mc))  # 1 up to the rounding of m * c, as in d
         top1_prob = e_top1 / d
         tl.store(top1_prob_ptr + row64, tl.where(invalid, nan, top1_prob))

@@ -159,6 +159,36 @@ def test_kernel_argmax_where_the_max_is_raised(gen):
         assert stats.margin[1].item() == 0.0 and stats.margin[2].item() == 0.0
 
 
+def test_kernel_runner_up_in_the_argmax_lane(gen):
+    """The loop keeps one running max per lane; the merge finds a runner-up that shares the argmax's
+    lane (columns congruent modulo the tile width) by rereading that lane: in a later tile, an earlier
+    one, another split, the partial last tile, a tie, and a lane holding the only finite entries."""
+    vocab, block_v = 100, 16  # six whole tiles and a partial one of 4 columns
+    rows = torch.randn(7, vocab, generator=gen) - 10.0
+    rows[0, [5, 21]] = torch.tensor([9.0, 8.5])  # the next tile
+    rows[1, [53, 5]] = torch.tensor([9.0, 8.5])  # an earlier tile
+    rows[2, [2, 82]] = torch.tensor([9.0, 8.0])  # far apart: another split when the row is split
+    rows[3, [2, 98]] = torch.tensor([9.0, 8.75])  # the runner-up in the partial last tile
+    rows[4, [7, 39]] = 9.0  # a tie within one lane: margin 0
+    rows[5] = float("-inf")
+    rows[5, [11, 43]] = torch.tensor([1.0, 0.0])  # the only finite entries, in one lane
+    rows[6] = float("-inf")
+    rows[6, 60] = 3.0  # no runner-up at all: margin 1
+    logits = rows.to(DEVICE)
+    for num_splits in (1, 2, 7):
+        out = softmax_row_stats(logits, block_v=block_v, num_splits=num_splits)
+        stats = TokenStats(**{k: out.get(k) for k in TokenStats._fields})
+        assert stats.argmax.cpu().tolist() == [5, 53, 2, 2, 7, 11, 60], num_splits
+        assert_matches_reference(stats, logits)
+        assert stats.margin[4].item() == 0.0 and stats.margin[6].item() == 1.0
+    # the default layout at LLaDA's vocabulary: the runner-up one tile after the max, in bf16
+    wide = torch.randn(2, 126464, generator=gen) - 10.0
+    wide[0, [700, 700 + 1024]] = torch.tensor([4.0, 3.5])
+    wide[1, [126463, 126463 - 3 * 1024]] = torch.tensor([4.0, 4.0])
+    wide = wide.to(torch.bfloat16).to(DEVICE)
+    assert_matches_reference(token_stats(wide, backend="triton"), wide)
+
+
 @pytest.mark.parametrize("vocab,vocab_chunk,chunk_elems", [(41, 16, 64), (1000, 128, 300)])
 def test_torch_path_chunks(gen, vocab, vocab_chunk, chunk_elems):
     logits = mixed_rows(vocab, gen)

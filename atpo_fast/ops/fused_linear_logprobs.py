@@ -278,7 +278,7 @@ def fused_linear_logprobs(
     hidden [N, D] and weight [V, D] (the LM head) float32/bfloat16/float16 (float64 for gradcheck);
     the matmuls run in hidden's dtype. bias [V] optional. targets int64 [N] in [0, V) or -100
     (gives 0, no gradient). Returns float32 [N]. No [N, V] logits tensor is ever held: one tile
-    of logits takes at most chunk_bytes in float32 (default 256 MiB on CUDA, 32 MiB on CPU).
+    of logits takes at most chunk_bytes in float32 (default 256 MiB on CUDA, 16 MiB on CPU).
     backend: the one-pass tile ops, "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
     float64 inputs (gradcheck) need "torch" or "auto". When only hidden needs a gradient (a frozen
     head, as under LoRA), the forward also computes it and the backward recomputes nothing.
