@@ -7,6 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRITON_36 := .cache/triton-3.6
+TRANSFORMERS_517 := .cache/transformers-5.17
 
 .PHONY: install test demo bench clean
 
@@ -22,9 +23,15 @@ $(STAMP): setup.py $(wildcard csrc/*)
 $(TRITON_36)/triton: | $(STAMP)
 	$(PY) -m pip install -q --target $(TRITON_36) "triton==3.6.0" "numpy<2.3"
 
-install: $(STAMP) $(TRITON_36)/triton
+# transformers 5.17.0, the GPU machine's version, beside the venv (cached): tests/test_transformers_517.py runs
+# the model, native-loader and KV-cache tests with it (its own huggingface-hub; the venv's tokenizers fit both)
+$(TRANSFORMERS_517)/transformers: | $(STAMP)
+	$(PY) -m pip install -q --target $(TRANSFORMERS_517) --no-deps "transformers==5.17.0"
+	$(PY) -m pip install -q --target $(TRANSFORMERS_517) "huggingface-hub>=1.5,<2"
 
-test: $(STAMP) $(TRITON_36)/triton
+install: $(STAMP) $(TRITON_36)/triton $(TRANSFORMERS_517)/transformers
+
+test: $(STAMP) $(TRITON_36)/triton $(TRANSFORMERS_517)/transformers
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
