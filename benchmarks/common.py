@@ -131,8 +131,16 @@ def run_cpu_suite(modules: list[str], quick: bool) -> list[dict]:
                 rows.append({"case": case, "variant": v, "time_ms": seconds * 1e3,
                              "peak_extra_MiB": memory[v] / 2**20, "baseline": base,
                              "speedup": times[(module, case, base)] / seconds,
-                             "memory_vs_baseline": memory[v] / max(memory[base], 1)})
+                             "memory_vs_baseline": memory_ratio(memory[v], memory[base])})
     return rows
+
+
+def memory_ratio(peak: int, baseline_peak: int) -> float:
+    """peak / baseline_peak; 1 when both are 0 (a small case can allocate nothing the process does not
+    already hold), NaN when only the baseline is 0 (no ratio to report, rather than a misleading 0)."""
+    if baseline_peak > 0:
+        return peak / baseline_peak
+    return 1.0 if peak == 0 else float("nan")
 
 
 CPU_COLUMNS = ["case", "variant", "time_ms", "peak_extra_MiB", "baseline", "speedup", "memory_vs_baseline"]

@@ -80,7 +80,10 @@ if want rows; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_step_rows 2>&1 | tee "$OUT/gpu_rows.log" | tail -8
 fi
 if want tests; then
-    timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+    # SIGINT at the time limit: pytest then still prints the tracebacks of the failures so far. The two
+    # ignored files check the CPU machine's stand-ins for this image's Triton 3.6 and transformers 5.17.
+    timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests \
+        --ignore=tests/test_compile.py --ignore=tests/test_transformers_517.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 echo "== done ($(($(date +%s) - START)) s)"
 pack

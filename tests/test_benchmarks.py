@@ -38,6 +38,12 @@ def test_kernels_quick(tmp_path):
     assert "Trace overhead" in json_file.with_suffix(".md").read_text()
 
 
+def test_memory_ratio_of_a_baseline_that_allocated_nothing():
+    from benchmarks.common import memory_ratio
+
+    assert memory_ratio(30, 10) == 3.0 and memory_ratio(0, 0) == 1.0 and math.isnan(memory_ratio(5, 0))
+
+
 def test_trainer_bench_quick():
     from benchmarks.bench_trainer import main
 
