@@ -10,7 +10,8 @@ gradient GEMMs). On CUDA those passes are the Triton kernels of selected_logprob
 few in-place torch ops on a float32 tile. The forward merges the slices' log-sum-exps and saves
 only lse [N]; the backward recomputes each tile. Vocabulary slices are the outer loop, so each
 weight slice is cast once and its gradient is accumulated in float32 over the row chunks (on
-CUDA by a GEMM with a float32 output) before being written.
+CUDA by cuBLAS adding the float32 product straight into the accumulator, where the torch build
+allows it) before being written.
 
 A frozen LM head (no gradient for weight or bias, as under LoRA) takes another route with no
 recomputation: the same walk also accumulates d logp_r / d hidden_r = scale * (W[target_r] - sum_v
@@ -26,6 +27,7 @@ head's route keeps that one from the forward to the backward).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -169,10 +171,25 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with the product kept in acc's (wider) dtype, never rounded to a's dtype first."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_addmm_accumulates_in_float32():
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # cuBLAS adds the fp32 product into acc itself
     elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # bf16/fp16 GEMM with an fp32 result (cuBLAS)
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # bf16/fp16 GEMM with an fp32 result, then one add
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # exact upcast; CPU GEMMs have no out_dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_addmm_accumulates_in_float32() -> bool:
+    """Whether this torch's CUDA addmm takes bf16 factors, a float32 addend and out_dtype=float32 (the
+    first builds with out_dtype wanted the addend in the factors' dtype): probed once on a 16 x 16 GEMM."""
+    factor = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+    acc = torch.ones(16, 16, dtype=torch.float32, device="cuda")
+    try:
+        torch.addmm(acc, factor, factor, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 17.0).all())
 
 
 @torch.library.custom_op("atpo_fast::fused_linear_logprobs_backward", mutates_args=())
