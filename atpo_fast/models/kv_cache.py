@@ -105,11 +105,12 @@ class _QueryWindowLayer(DynamicLayer):
 def _last_layer_output_at_leading_rows(backbone: nn.Module, rows: int, queries: int):
     """Within the block: the backbone's last decoder layer returns the first `rows` of its `queries`
     positions only (a prefix step reads the block's final hidden states, not those of the positions
-    after it). Nothing changes when every query is read (dual)."""
-    if rows >= queries:
+    after it). Nothing changes when every query is read (dual), nor for a layer sharded by FSDP2, whose
+    weights are gathered by its own forward, which this bypasses."""
+    last = backbone.layers[-1]
+    if rows >= queries or hasattr(last, "unshard"):
         yield
         return
-    last = backbone.layers[-1]
     backbone.layers[-1] = _LeadingRowsLayer(last, rows)
     try:
         yield
