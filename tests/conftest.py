@@ -1,6 +1,7 @@
 """Test set-up: with no GPU the Triton kernels run under the interpreter (set before any import)."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,15 @@ import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cached_packages_env(folder: Path, package: str, env: dict) -> dict:
+    """env with `folder` (a `pip install --target` cache that `make install` fills, holding `package`)
+    first on PYTHONPATH, then the repository; fails the test, naming the folder, if it is not set up."""
+    if not (folder / package).is_dir():
+        pytest.fail(f"{package} is not set up in {folder}: run `make install`")
+    return {**env, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO), env.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(params=BACKENDS)

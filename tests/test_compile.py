@@ -13,23 +13,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, cached_packages_env
+
 TRITON_36 = REPO / ".cache" / "triton-3.6"
 
 
 def start_report(triton_dir: Path | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_dir is not None:  # put that Triton in front of the installed one
-        env["PYTHONPATH"] = os.pathsep.join([str(triton_dir), str(REPO), env.get("PYTHONPATH", "")])
+        env = cached_packages_env(triton_dir, "triton", env)
     return subprocess.Popen([sys.executable, "-m", "benchmarks", "sass", "--quick"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90():
-    if not (TRITON_36 / "triton").is_dir():
-        pytest.fail(f"Triton 3.6.0 is not set up in {TRITON_36}: run `make install`")
-    reports = {"installed": start_report(None), "3.6.0": start_report(TRITON_36)}
+    reports = {"3.6.0": start_report(TRITON_36), "installed": start_report(None)}  # the one that can fail first
     for version, proc in reports.items():
         out, err = proc.communicate(timeout=1200)
         summary = [line for line in out.splitlines() if " specialisations x " in line]

@@ -4,6 +4,7 @@ model and on native LLaDA and Dream checkpoints; a rollout with one step per blo
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from atpo_fast import generate
 from atpo_fast.models import TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
@@ -109,11 +110,11 @@ def test_prefix_steps_trim_the_last_layer_unless_fsdp_shards_it():
     dual reads every query, and a layer sharded by FSDP2 must run its own forward (it gathers its weights)."""
     backbone = TinyDiffusionLM(TINY).eval().backbone
     last = backbone.layers[-1]
-    with _last_layer_output_at_leading_rows(backbone, 2, 5):
+    with _last_layer_output_at_leading_rows(backbone, 2, 5, DynamicCache()):
         assert isinstance(backbone.layers[-1], _LeadingRowsLayer) and backbone.layers[-1].layer is last
     assert backbone.layers[-1] is last
-    with _last_layer_output_at_leading_rows(backbone, 5, 5):  # dual: every query is read
+    with _last_layer_output_at_leading_rows(backbone, 5, 5, DynamicCache()):  # dual: every query is read
         assert backbone.layers[-1] is last
     last.unshard = lambda: None  # what fully_shard gives a module
-    with _last_layer_output_at_leading_rows(backbone, 2, 5):
+    with _last_layer_output_at_leading_rows(backbone, 2, 5, DynamicCache()):
         assert backbone.layers[-1] is last

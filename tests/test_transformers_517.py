@@ -9,21 +9,18 @@ in a process that imports it first.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, cached_packages_env
+
 TRANSFORMERS_517 = REPO / ".cache" / "transformers-5.17"
 MODEL_TESTS = ["tests/test_models.py", "tests/test_native.py", "tests/test_kv_cache.py", "tests/test_lora.py"]
 
 
 @pytest.mark.slow
 def test_model_tests_pass_under_transformers_5_17():
-    if not (TRANSFORMERS_517 / "transformers").is_dir():
-        pytest.fail(f"transformers 5.17.0 is not set up in {TRANSFORMERS_517}: run `make install`")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRANSFORMERS_517), str(REPO),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    env = cached_packages_env(TRANSFORMERS_517, "transformers", dict(os.environ))
     version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                              cwd=REPO, env=env, capture_output=True, text=True)
     assert version.stdout.strip() == "5.17.0", version.stdout + version.stderr

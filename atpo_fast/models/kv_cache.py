@@ -75,7 +75,7 @@ class BlockCache:
         else:
             batch, length = self.mask.shape
             keys = self.mask.bool()[:, None, None, :].expand(batch, 1, self.q1 - self.q0, length)
-            with _last_layer_output_at_leading_rows(self.backbone, self.block_rows, self.q1 - self.q0):
+            with _last_layer_output_at_leading_rows(self.backbone, self.block_rows, self.q1 - self.q0, self.cache):
                 out = self.backbone(input_ids=tokens[:, self.q0:self.q1], attention_mask=keys,
                                     position_ids=self.positions[:, self.q0:self.q1],
                                     use_cache=True, **{self.cache_arg: self.cache})
@@ -102,16 +102,16 @@ class _QueryWindowLayer(DynamicLayer):
 
 
 @contextlib.contextmanager
-def _last_layer_output_at_leading_rows(backbone: nn.Module, rows: int, queries: int):
+def _last_layer_output_at_leading_rows(backbone: nn.Module, rows: int, queries: int, cache: DynamicCache):
     """Within the block: the backbone's last decoder layer returns the first `rows` of its `queries`
-    positions only (a prefix step reads the block's final hidden states, not those of the positions
-    after it). Nothing changes when every query is read (dual), nor for a layer sharded by FSDP2, whose
-    weights are gathered by its own forward, which this bypasses."""
+    positions only, its keys and values going to `cache` (a prefix step reads the block's final hidden
+    states, not those of the positions after it). Nothing changes when every query is read (dual), nor
+    for a layer sharded by FSDP2, whose weights are gathered by its own forward, which this bypasses."""
     last = backbone.layers[-1]
     if rows >= queries or hasattr(last, "unshard"):
         yield
         return
-    backbone.layers[-1] = _LeadingRowsLayer(last, rows)
+    backbone.layers[-1] = _LeadingRowsLayer(last, rows, cache)
     try:
         yield
     finally:
@@ -127,28 +127,31 @@ class _LeadingRowsLayer(nn.Module):
     layer's work on the rows after the block. The leading rows get what the whole layer gives them.
     """
 
-    def __init__(self, layer: nn.Module, rows: int):
+    def __init__(self, layer: nn.Module, rows: int, cache: DynamicCache):
         super().__init__()
-        self.layer, self.rows = layer, rows
+        self.layer, self.rows, self.cache = layer, rows, cache
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **_) -> torch.Tensor:
         layer, n = self.layer, self.rows
         attn = layer.self_attn
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        family = sys.modules[type(attn).__module__]  # the model family's own RoPE and eager attention
         normed = layer.input_layernorm(hidden_states)
-        batch, length, _ = normed.shape
+        batch = normed.shape[0]
+        cos, sin = position_embeddings
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H * Dh] -> [B, H, L, Dh]
             return x.view(batch, x.shape[1], -1, attn.head_dim).transpose(1, 2)
 
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model family's own
-        cos, sin = position_embeddings
-        query, _ = rope(*[heads(attn.q_proj(normed[:, :n]))] * 2, cos[:, :n], sin[:, :n])
-        key, _ = rope(*[heads(attn.k_proj(normed))] * 2, cos, sin)
-        key, value = cache.update(key, heads(attn.v_proj(normed)), attn.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                       sys.modules[type(attn).__module__].eager_attention_forward)
+        def rotated(x: torch.Tensor, positions: slice) -> torch.Tensor:
+            # the family's helper rotates a (query, key) pair at one set of positions; queries and keys
+            # cover different positions here, so each goes in alone (the pair's second half is dropped)
+            return family.apply_rotary_pos_emb(x, x, cos[:, positions], sin[:, positions])[0]
+
+        query = rotated(heads(attn.q_proj(normed[:, :n])), slice(0, n))
+        key = rotated(heads(attn.k_proj(normed)), slice(None))
+        key, value = self.cache.update(key, heads(attn.v_proj(normed)), attn.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, family.eager_attention_forward)
         mask = attention_mask[:, :, :n] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
         out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
         hidden = hidden_states[:, :n] + attn.o_proj(out.reshape(batch, n, -1).contiguous())
