@@ -52,7 +52,7 @@ PY
         echo "build with CUDA sources failed (log: gpu_build.log); building the CPU extension instead"
         ATPO_FAST_NO_CUDA=1 python3 -m pip install -q --use-pep517 --no-build-isolation --no-deps -e . 2>&1 | tail -20
     fi
-    python3 -c "import atpo_fast._C as C; print('extension with CUDA:', C.with_cuda)" | tee -a "$OUT/gpu_env.txt"
+    python3 -c "import torch, atpo_fast._C as C; print('extension with CUDA:', C.with_cuda)" | tee -a "$OUT/gpu_env.txt"
 fi
 if want smoke; then
     timeout "${SMOKE_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_token_stats.py \
@@ -82,7 +82,10 @@ fi
 if want tests; then
     # SIGINT at the time limit: pytest then still prints the tracebacks of the failures so far. The two
     # ignored files check the CPU machine's stand-ins for this image's Triton 3.6 and transformers 5.17.
-    timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests \
+    # pytest-xdist, where the image has it, spreads the files over 8 workers (one file per worker: the torchrun
+    # test keeps its port to itself).
+    python3 -c "import xdist" 2>/dev/null && PARALLEL="-n 8 --dist loadfile" || PARALLEL=""
+    timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL tests \
         --ignore=tests/test_compile.py --ignore=tests/test_transformers_517.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 echo "== done ($(($(date +%s) - START)) s)"
