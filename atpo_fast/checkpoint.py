@@ -152,7 +152,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
     if find(run_dir / CHECKPOINT) is None:
         raise ValueError(f"{run_dir} holds no {CHECKPOINT}/ folder")
     config = load_config(run_dir / CONFIG, overrides)
-    device = resolve_device(config, distributed.setup(config.distributed.backend))
+    device = resolve_device(config, distributed.setup(config.distributed.backend, config.device))
     trainer = Trainer(config, run_model(config, run_dir, device))
     load(trainer, run_dir / CHECKPOINT)
     return trainer

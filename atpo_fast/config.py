@@ -245,6 +245,8 @@ def check_values(config: TrainConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's ranks
     need(o.prompts_per_iter % world == 0, "optim.prompts_per_iter", f"a multiple of the number of ranks ({world})")
     need(e.size >= world, "eval.size", f"at least one held-out problem per rank ({world})")
+    need(not (config.device == "cpu" and config.distributed.backend == "nccl"), "distributed.backend",
+         "'auto' or 'gloo' with device='cpu' (NCCL runs on GPUs only)")
     if config.device == "cuda":
         import torch
 

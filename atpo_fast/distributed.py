@@ -69,8 +69,12 @@ class Dist:
         return self.reduce(sums, "sum", device), self.reduce(maxes, "max", device)
 
 
-def setup(backend: str = "auto") -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1 (once per process); else a one-process Dist."""
+def setup(backend: str = "auto", device: str = "auto") -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (once per process); else a one-process Dist.
+
+    backend "auto" is NCCL for a CUDA run (`device` "cuda", or "auto" on a machine with a GPU) and gloo
+    otherwise, so a CPU run under torchrun on a GPU machine neither claims a GPU nor needs one per rank.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
@@ -79,8 +83,13 @@ def setup(backend: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+            backend = "nccl" if on_cuda else "gloo"
         if backend == "nccl":
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"distributed.backend 'nccl' needs a GPU per rank on this machine: local rank "
+                                 f"{local_rank}, {torch.cuda.device_count()} GPU(s) visible (start fewer processes "
+                                 f"per node, or run on the CPU with device=cpu)")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -49,7 +49,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                          f"logging.name")
 
     # the model, warm-started before it is wrapped for data parallelism (a resumed run loads its checkpoint)
-    dist = distributed.setup(config.distributed.backend)
+    dist = distributed.setup(config.distributed.backend, config.device)
     device = resolve_device(config, dist)
     task = build_task(config)
     if resume:

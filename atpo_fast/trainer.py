@@ -128,7 +128,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: DiffusionLM | None = None, task: Task | None = None):
         check_values(config)  # a config built in code, not loaded, is checked too
         self.config = config
-        self.dist = distributed.setup(config.distributed.backend)
+        self.dist = distributed.setup(config.distributed.backend, config.device)
         self.device = resolve_device(config, self.dist)
         self.task = task if task is not None else build_task(config)
         self.model = model.to(self.device) if model is not None else build_model(config, self.device)

@@ -102,12 +102,15 @@ def pytest_benchmark_times(modules: list[str], quick: bool) -> dict[tuple[str, s
     """Median seconds of every CPU case of `modules`, timed by pytest-benchmark in one pytest run."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        env = {**os.environ, "ATPO_BENCH_MODULES": ",".join(modules), "ATPO_BENCH_QUICK": "1" if quick else "0"}
+        # without the variables of an xdist worker this may run in: pytest-benchmark turns itself off under them
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+               "ATPO_BENCH_MODULES": ",".join(modules), "ATPO_BENCH_QUICK": "1" if quick else "0"}
         proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_cpu_kernels.py", "-q",
                                "-p", "no:cacheprovider", f"--benchmark-json={out}"], cwd=REPO, env=env,
                               capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"pytest-benchmark run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+        if proc.returncode != 0 or not out.stat().st_size:  # pytest-benchmark writes nothing when it times nothing
+            raise RuntimeError(f"pytest-benchmark run failed or timed nothing:\n{proc.stdout[-4000:]}\n"
+                               f"{proc.stderr[-2000:]}")
         report = json.loads(out.read_text())
     return {tuple(b["extra_info"][k] for k in ("module", "case", "variant")): b["stats"]["median"]
             for b in report["benchmarks"]}

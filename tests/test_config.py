@@ -98,6 +98,7 @@ def test_missing_file():
     ("sampler.cache=full", "'sampler.cache' expects one of 'none', 'prefix', 'dual'"),
     ("sampler.cache_refresh=0", "'sampler.cache_refresh' expects an int >= 1 or null"),
     ("model.implementation=hub", "'model.implementation' expects one of 'native', 'remote'"),
+    ("device=cpu distributed.backend=nccl", "'distributed.backend' expects 'auto' or 'gloo' with device='cpu'"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):

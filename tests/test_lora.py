@@ -122,7 +122,7 @@ def test_lora_resume_equals_uninterrupted_run_and_checkpoints_hold_the_adapters_
 def test_export_writes_peft_adapters_and_a_merged_tiny_model(tmp_path, gen):
     summary = train(small_config(tmp_path, *LORA, "optim.iterations=2", "logging.name=lora"), progress=False)
     run = Path(summary["run_dir"])
-    trained = checkpoint.load_run(run).model.eval()
+    trained = checkpoint.load_run(run).model.eval().cpu()  # beside the CPU models below, on a GPU machine too
     ids, mask, *_ = random_rows(trained, gen, length=12)
     with torch.no_grad():
         want = trained.logits(ids, mask)
