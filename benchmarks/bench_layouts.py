@@ -1,6 +1,6 @@
 """Launch layouts of the vocabulary pass on CUDA, side by side: tile width, warps, prefetch, splits.
 
-What picks the statistics pass's defaults (kernels/utils.py: stats_block_v). Device time of one
+What picks the statistics pass's defaults (kernels/utils.py: stats_layout, vocab_split). Device time of one
 call replayed from a CUDA graph (do_bench_cudagraph), as a percent of a measured device-to-device
 copy of the bf16 logits' bytes (read once), for V = 126464 and N = 256 and 4096: greedy
 token_stats (T=0), sampling (T=1) and the log-sum-exp pass of selected_logprobs' forward (lse).

@@ -84,7 +84,7 @@ def record_launches(workloads) -> dict[tuple, Launch]:
         key = (self.fn.__name__, repr(specialization), repr(sorted(options.items())))
         launches.setdefault(key, Launch(self, args, kwargs)).calls.append(current[0])
 
-    replacements = [record, lambda device: 8 * SM_COUNT, lambda: True]
+    replacements = [record, lambda device, programs_per_sm=8: programs_per_sm * SM_COUNT, lambda: True]
     for (owner, name), new in zip(patched, replacements):
         patched[(owner, name)] = getattr(owner, name)
         setattr(owner, name, new)

@@ -35,7 +35,7 @@ import triton.language as tl
 from atpo_fast import _checks
 
 from .outputs import row_stat_outputs
-from .utils import default_num_warps, row_layout, stats_block_v, vocab_split
+from .utils import default_num_warps, programs_per_sm, row_layout, stats_layout, vocab_split
 
 IGNORE_INDEX = tl.constexpr(_checks.IGNORE_INDEX)  # a constexpr: jitted code may read no plain global
 LOG2E = 1.4426950408889634
@@ -252,6 +252,24 @@ def _merge_kernel(
             tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
 
 
+_PROGRAMS_PER_SM: dict[tuple, int] = {}
+
+
+def _partial_programs_per_sm(logits, vocab, stride_outer, stride_inner, inner_size, flags, num_warps) -> int:
+    """How many programs of the vocabulary pass one SM holds, from the registers of the very specialisation
+    the launch will use (compiled here if it is new, without running it); cached per specialisation."""
+    key = (logits.device, logits.dtype, logits.data_ptr() % 16, vocab % 16, stride_outer % 16, stride_inner % 16,
+           inner_size == 1, tuple(flags.items()), num_warps)
+    if key not in _PROGRAMS_PER_SM:
+        f32 = torch.empty(1, dtype=torch.float32, device=logits.device)
+        compiled = _partial_kernel.warmup(
+            logits, f32, torch.empty(1, dtype=torch.int32, device=logits.device), f32,
+            vocab, flags["BLOCK_V"], 1, stride_outer, stride_inner, inner_size, 1.0, 1.0,
+            **flags, num_warps=num_warps, grid=(1,))
+        _PROGRAMS_PER_SM[key] = programs_per_sm(compiled, num_warps, logits.device)
+    return _PROGRAMS_PER_SM[key]
+
+
 def softmax_row_stats(
     logits: torch.Tensor,
     *,
@@ -281,11 +299,19 @@ def softmax_row_stats(
     n_rows = logits.numel() // vocab
     device = logits.device
     logits, stride_outer, stride_inner, inner_size = row_layout(logits)
-    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device,
-                                                    block_v or stats_block_v(vocab), num_splits)
     sample = top2 and temperature > 0
-    tempered = sample and temperature != 1.0
-    groups = max(block_v // GROUP_W, 1)
+    if block_v is None:
+        block_v, default_warps = stats_layout(vocab, n_rows, device, sample)
+        num_warps = num_warps or default_warps
+    num_warps = num_warps or default_num_warps(block_v)
+    flags = dict(TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=sample and temperature != 1.0,
+                 BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
+    per_sm = 8
+    if num_splits is None and device.type == "cuda" and n_rows:
+        per_sm = _partial_programs_per_sm(logits, vocab, stride_outer, stride_inner, inner_size, flags, num_warps)
+    block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device, block_v,
+                                                    num_splits, per_sm)
+    groups = flags["GROUPS"]
 
     out = row_stat_outputs(n_rows, device, entropy=entropy, lse=lse, targets=targets is not None, top2=top2)
     if n_rows == 0:
@@ -301,10 +327,7 @@ def softmax_row_stats(
         logits, part, part_idx, group,
         vocab, cols_per_split, field_stride,
         stride_outer, stride_inner, inner_size,
-        c, t_ratio,
-        TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=tempered,
-        BLOCK_V=block_v, GROUPS=groups, PREFETCH=prefetch,
-        num_warps=num_warps or default_num_warps(block_v),
+        c, t_ratio, **flags, num_warps=num_warps,
     )
     dummy = part  # pointer for outputs a flag switches off; never read or written
     _merge_kernel[(n_rows,)](

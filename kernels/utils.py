@@ -13,11 +13,26 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """How many programs a vocabulary reduction should launch to fill the device."""
+def target_programs(device: torch.device, programs_per_sm: int = 8) -> int:
+    """How many programs of a vocabulary reduction the device holds at once (one wave)."""
     if device.type != "cuda":
         return 1  # the interpreter runs programs one after another
-    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
+    """Programs of `num_warps` warps that one SM holds at once, as the compiled kernel's registers allow.
+
+    compiled: a Triton CompiledKernel for CUDA. Registers are allocated per warp in units of 256; the
+    SM's register file, its thread limit and its 32 resident blocks bound the count (the vocabulary
+    passes use a few hundred bytes of shared memory, never the limit).
+    """
+    compiled._init_handles()  # loads the binary, which sets n_regs
+    props = torch.cuda.get_device_properties(device)
+    warp_registers = -(-compiled.n_regs * 32 // 256) * 256
+    by_registers = getattr(props, "regs_per_multiprocessor", 65536) // (warp_registers * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    return max(1, min(by_registers, by_threads, 32))
 
 
 def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -49,14 +64,21 @@ def default_block_v(vocab: int, element_size: int) -> int:
     return min(4096 // element_size, max(16, triton.next_power_of_2(vocab)))
 
 
-def stats_block_v(vocab: int) -> int:
-    """Tile width of the statistics pass (token_stats, log-sum-exp): 1024 columns, 4 warps, in every dtype.
+def stats_layout(vocab: int, n_rows: int, device: torch.device, sample: bool) -> tuple[int, int]:
+    """Tile width and warps of the statistics pass (token_stats, log-sum-exp), in every dtype.
 
-    Measured on an H200 (benchmarks/results/kernel_layouts_cuda_2026-11-27.md, bf16, V = 126464):
-    1024-column tiles beat 2048 and 4096 at N = 256 and 4096, greedy, sampling and log-sum-exp alike,
-    and prefetching one tile beat two or three.
+    1024 columns on 4 warps; a pass that draws no sample takes 512 columns on 1 warp once its rows alone
+    fill a wave (a sample keeps one tile width: the column order decides which token a seed draws).
+    Measured on an H200 (bf16, V = 126464): 1024-column tiles beat 2048 and 4096 at N = 256 and 4096,
+    and prefetching one tile beat two or three (kernel_layouts_cuda_2026-11-27.md); at N = 4096, 512
+    columns on 1 warp read at 95.7% of copy bandwidth for the log-sum-exp pass against 87.1%, and 77.1%
+    greedy against 72.8%, but at N = 256, where rows are split, 46% against 65% for the log-sum-exp
+    pass (kernel_layouts_cuda_2026-11-27_run2.md).
     """
-    return min(1024, max(16, triton.next_power_of_2(vocab)))
+    if not sample and device.type == "cuda" and n_rows >= target_programs(device):
+        return min(512, max(16, triton.next_power_of_2(vocab))), 1
+    block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
+    return block_v, default_num_warps(block_v)
 
 
 def default_num_warps(block_v: int) -> int:
@@ -66,9 +88,13 @@ def default_num_warps(block_v: int) -> int:
 
 
 def vocab_split(n_rows: int, vocab: int, element_size: int, device: torch.device, block_v: int | None,
-                num_splits: int | None):
+                num_splits: int | None, programs_per_sm: int = 8):
     """Pick the tile width and how many programs share one row's vocabulary.
 
+    By default the rows are split into as many parts as one wave of programs holds (programs_per_sm on
+    every SM), never more: a second, mostly empty wave costs nearly as long as the first (on an H200,
+    bf16 V = 126464, N = 256, greedy: 4 splits, one wave, 55% of copy bandwidth; 5 splits, 1.2 waves,
+    45%; benchmarks/results/kernel_layouts_cuda_2026-11-27_run2.md).
     Returns (block_v, cols_per_split, num_splits); every split but the last covers cols_per_split
     columns, a multiple of block_v.
     """
@@ -76,7 +102,7 @@ def vocab_split(n_rows: int, vocab: int, element_size: int, device: torch.device
         block_v = default_block_v(vocab, element_size)
     n_tiles = triton.cdiv(vocab, block_v)
     if num_splits is None:
-        num_splits = triton.cdiv(target_programs(device), max(n_rows, 1))
+        num_splits = target_programs(device, programs_per_sm) // max(n_rows, 1)
     num_splits = max(1, min(num_splits, n_tiles))
     cols_per_split = triton.cdiv(n_tiles, num_splits) * block_v
     return block_v, cols_per_split, triton.cdiv(vocab, cols_per_split)
