@@ -2,16 +2,20 @@
 forward of selected_logprobs.
 
 Each row's vocabulary is split across `num_splits` programs (one when there are enough rows). A
-program reads its columns once, in tiles of BLOCK_V, and keeps its state per lane (one lane per
-column position in the tile) in float32 registers, so a tile costs one cross-thread reduction,
-the tile max:
-    m      running max of the logits (a scalar; the lanes' sums are rescaled when it grows)
-    d      sum 2^y,  y = x * c - m * c,  c = scale * log2(e)  (per lane; one FMA per logit)
-    t      sum y 2^y  (entropy = ln 2 * (log2 d - t / d))  (per lane, shifted: no cancellation)
-    dt     sum 2^(y / temperature), for sampling at temperature != 1 (per lane)
-    top1   the lane's largest logit
-    m_col  the first column holding m (a scalar, found in the tile that raised m)
-The lanes are reduced once per program. The second-largest logit is the larger of the other lanes'
+program reads its columns once, in tiles of BLOCK_V, and keeps float32 state in registers:
+    m      running max of the logits (the sums are rescaled when it grows)
+    d      sum 2^y,  y = x * c - m * c,  c = scale * log2(e)  (one FMA per logit)
+    t      sum y 2^y  (entropy = ln 2 * (log2 d - t / d))  (shifted: no cancellation)
+    dt     sum 2^(y / temperature), for sampling at temperature != 1
+    top1   each lane's largest logit (a lane: a column position in the tile)
+    m_col  the first column holding m
+On rows Triton can prove 16-byte aligned (_partial_kernel), a tile is read as slots of VEC
+consecutive columns, one 16-byte load per thread and slot, and m, d, t and dt are kept per slot:
+a tile needs no cross-thread reduction and no barrier; each slot's sums are rescaled to its own
+max, and a slot remembers the tile that raised its max so that m_col is found by rereading VEC
+columns at the end. Other rows (_partial_kernel_lanes) keep one m per program (the tile max, a
+cross-thread reduction, found in the tile that raised m) and the sums per lane. Either way the
+state is reduced once per program. The second-largest logit is the larger of the other lanes'
 top1 and the largest of m_col's own lane apart from m_col; the merge finds that one by rereading
 the columns congruent to the row's argmax modulo BLOCK_V (one strided read of V / BLOCK_V logits,
 under 2% of the row's bytes), so the loop keeps one running max per lane, not two. A row holding
@@ -49,6 +53,33 @@ def _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size):
     return logits_ptr + (row64 // inner_size) * stride_outer + (row64 % inner_size) * stride_inner
 
 
+@triton.jit
+def _first_tile(row_ptr, lanes, col_start, col_end, PREFETCH: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The end of a split's whole tiles, and with PREFETCH its first tile, in flight (else a placeholder)."""
+    full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
+    x_next = lanes
+    if PREFETCH:
+        x_next = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
+    return full_end, x_next
+
+
+@triton.jit
+def _tile(row_ptr, cols, x_next, full_end, col_end, PHASE: tl.constexpr, PREFETCH: tl.constexpr,
+          BLOCK_V: tl.constexpr):
+    """The logits at cols (any shape) as float32, and the prefetched tile after it. Phase 0 reads whole
+    tiles without a mask (with PREFETCH: x_next, while the next one is loaded); phase 1 the last,
+    partial tile, its missing columns -inf."""
+    if PHASE == 0:
+        if PREFETCH:  # the next tile is in flight while this one is reduced
+            x = x_next.to(tl.float32)
+            x_next = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
+        else:
+            x = tl.load(row_ptr + cols).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
+    return x, x_next
+
+
 @triton.jit(do_not_specialize=["field_stride"])
 def _partial_kernel(
     logits_ptr, part_ptr, part_idx_ptr, group_ptr,
@@ -56,14 +87,109 @@ def _partial_kernel(
     stride_outer, stride_inner, inner_size,
     c, t_ratio,
     TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, TEMPERED: tl.constexpr,
-    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr, VEC: tl.constexpr,
 ):
     """Partial state of columns [split * cols_per_split, +cols_per_split) of one row.
 
-    c = scale * log2(e); t_ratio = 1 / temperature (sampling). Writes the fields of _FLOAT_FIELDS at
+    c = scale * log2(e); t_ratio = 1 / temperature (sampling). A tile is read as [BLOCK_V / VEC, VEC]
+    (one slot of VEC consecutive lanes per thread), and the running max and the sums are kept per
+    slot, so a tile needs no cross-thread reduction. Writes the fields of _FLOAT_FIELDS at
     part_ptr + k * field_stride + slot, top1's column at part_idx_ptr + slot, and with SAMPLE the
     GROUPS lane-group sums of 2^(y / temperature) at group_ptr + slot * GROUPS (y taken to the
     program's own max m).
+    """
+    SLOTS: tl.constexpr = BLOCK_V // VEC
+    row64 = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, vocab)
+    lanes = tl.arange(0, SLOTS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [SLOTS, VEC]: column in the tile
+
+    neg_inf = float("-inf")
+    zeros = tl.zeros([SLOTS], dtype=tl.float32)
+    m = zeros + neg_inf  # each slot's running max
+    mc = zeros  # m * c, the offset of y; 0 while m is -inf
+    d = zeros
+    t = zeros
+    dt = zeros
+    top1 = tl.zeros([SLOTS, VEC], dtype=tl.float32) + neg_inf
+    raised_at = tl.zeros([SLOTS], dtype=tl.int32) + col_start  # the tile that raised the slot's max last
+    full_end, x_next = _first_tile(row_ptr, lanes, col_start, col_end, PREFETCH, BLOCK_V)
+    for phase in tl.static_range(2):  # the whole tiles (unmasked loads), then the last partial one
+        lo = col_start if phase == 0 else full_end
+        hi = full_end if phase == 0 else col_end
+        for start in tl.range(lo, hi, BLOCK_V):
+            x, x_next = _tile(row_ptr, start + lanes, x_next, full_end, col_end, phase, PREFETCH, BLOCK_V)
+            if TOP2:
+                top1 = tl.maximum(top1, x)
+                m_new = tl.max(top1, axis=1)
+                raised_at = tl.where(m_new > m, start, raised_at)
+            else:
+                m_new = tl.maximum(m, tl.max(x, axis=1))
+            # rescale each slot's sums to its new max (by 1 where it did not grow; 0 while it was -inf)
+            mc_new = tl.where(m_new == neg_inf, 0.0, m_new * c)
+            shift = mc - mc_new
+            alpha = tl.where(m == neg_inf, 0.0, tl.exp2(shift))
+            if ENTROPY:
+                t = alpha * (t + shift * d)
+            d = alpha * d
+            if TEMPERED:
+                dt = tl.where(m == neg_inf, 0.0, tl.exp2(shift * t_ratio)) * dt
+            m = m_new
+            mc = mc_new
+            y = tl.fma(x, c, -mc[:, None])  # x * c - m * c in one rounding; the error of m * c is common to a slot
+            e = tl.exp2(y)
+            d += tl.sum(e, axis=1)
+            if ENTROPY:
+                t += tl.sum(tl.maximum(y, -1.0e4) * e, axis=1)  # a -inf logit adds 0 (not -inf * 0)
+            if TEMPERED:
+                dt += tl.sum(tl.exp2(y * t_ratio), axis=1)
+
+    # the slots' states taken to the program's max
+    m_all = tl.max(m, axis=0)
+    mc_all = tl.where(m_all == neg_inf, 0.0, m_all * c)
+    shift = mc - mc_all
+    w = tl.where(m == neg_inf, 0.0, tl.exp2(shift))
+    slot = row64 * tl.num_programs(1) + split
+    tl.store(part_ptr + slot, m_all)
+    tl.store(part_ptr + field_stride + slot, tl.sum(w * d, axis=0))
+    if ENTROPY:
+        tl.store(part_ptr + 2 * field_stride + slot, tl.sum(tl.where(w > 0, w * (t + shift * d), 0.0), axis=0))
+    if TOP2:
+        # the first column of the max: in each slot holding it, the first of the tile that raised the
+        # slot's max last (reread: VEC columns of the one or few slots that hold it)
+        holds = m == m_all
+        cols = raised_at[:, None] + lanes
+        reread = holds[:, None] & (cols < col_end)
+        x = tl.load(row_ptr + cols, mask=reread, other=neg_inf).to(tl.float32)
+        m_col = tl.min(tl.min(tl.where(reread & (x == m_all), cols, col_end), axis=1), axis=0)
+        first_lane = tl.min(tl.min(tl.where(top1 == m_all, lanes, BLOCK_V), axis=1), axis=0)  # m once
+        runner_up = tl.max(tl.max(tl.where(lanes == first_lane, neg_inf, top1), axis=1), axis=0)  # other lanes
+        tl.store(part_ptr + 3 * field_stride + slot, runner_up)
+        tl.store(part_idx_ptr + slot, tl.where(m_col == col_end, col_start, m_col))
+    if SAMPLE:
+        if TEMPERED:
+            scaled = tl.where(m == neg_inf, 0.0, tl.exp2(shift * t_ratio)) * dt
+        else:
+            scaled = w * d
+        group_sums = tl.sum(tl.reshape(scaled, (GROUPS, SLOTS // GROUPS)), axis=1)
+        tl.store(group_ptr + slot * GROUPS + tl.arange(0, GROUPS), group_sums)
+
+
+@triton.jit(do_not_specialize=["field_stride"])
+def _partial_kernel_lanes(
+    logits_ptr, part_ptr, part_idx_ptr, group_ptr,
+    vocab, cols_per_split, field_stride,
+    stride_outer, stride_inner, inner_size,
+    c, t_ratio,
+    TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, TEMPERED: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """_partial_kernel for rows Triton cannot prove 16-byte aligned (a thread's columns are then not
+    contiguous, and slots of several columns would need cross-thread reductions): one running max for
+    the whole tile (a cross-thread reduction per tile, with a rescale only when it grows) and the sums
+    per lane. Writes the same fields.
     """
     row64 = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -80,22 +206,12 @@ def _partial_kernel(
     dt = zeros
     top1 = zeros + float("-inf")
     m_col = col_start
-    full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
-    if PREFETCH:
-        x_next = tl.load(row_ptr + col_start + lanes, mask=col_start + lanes < full_end)
+    full_end, x_next = _first_tile(row_ptr, lanes, col_start, col_end, PREFETCH, BLOCK_V)
     for phase in tl.static_range(2):  # the whole tiles (unmasked loads), then the last partial one
         lo = col_start if phase == 0 else full_end
         hi = full_end if phase == 0 else col_end
         for start in tl.range(lo, hi, BLOCK_V):
-            cols = start + lanes
-            if phase == 0:
-                if PREFETCH:  # the next tile is in flight while this one is reduced
-                    x = x_next.to(tl.float32)
-                    x_next = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
-                else:
-                    x = tl.load(row_ptr + cols).to(tl.float32)
-            else:
-                x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
+            x, x_next = _tile(row_ptr, start + lanes, x_next, full_end, col_end, phase, PREFETCH, BLOCK_V)
             if TOP2:
                 top1 = tl.maximum(top1, x)
             tile_max = tl.max(x, axis=0)
@@ -252,17 +368,24 @@ def _merge_kernel(
             tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
 
 
+def _rows_aligned(logits: torch.Tensor, stride_outer: int, stride_inner: int, inner_size: int) -> bool:
+    """Whether Triton's specialisation proves every row 16-byte aligned: the pointer aligned and the
+    strides multiples of 16 (then each thread reads its columns with one vector load)."""
+    return logits.data_ptr() % 16 == 0 and stride_outer % 16 == 0 and (inner_size == 1 or stride_inner % 16 == 0)
+
+
 _PROGRAMS_PER_SM: dict[tuple, int] = {}
 
 
-def _partial_programs_per_sm(logits, vocab, stride_outer, stride_inner, inner_size, flags, num_warps) -> int:
+def _partial_programs_per_sm(kernel, logits, vocab, stride_outer, stride_inner, inner_size, flags,
+                             num_warps) -> int:
     """How many programs of the vocabulary pass one SM holds, from the registers of the very specialisation
     the launch will use (compiled here if it is new, without running it); cached per specialisation."""
-    key = (logits.device, logits.dtype, logits.data_ptr() % 16, vocab % 16, stride_outer % 16, stride_inner % 16,
-           inner_size == 1, tuple(flags.items()), num_warps)
+    key = (kernel.fn.__name__, logits.device, logits.dtype, logits.data_ptr() % 16, vocab % 16, stride_outer % 16,
+           stride_inner % 16, inner_size == 1, tuple(flags.items()), num_warps)
     if key not in _PROGRAMS_PER_SM:
         f32 = torch.empty(1, dtype=torch.float32, device=logits.device)
-        compiled = _partial_kernel.warmup(
+        compiled = kernel.warmup(
             logits, f32, torch.empty(1, dtype=torch.int32, device=logits.device), f32,
             vocab, flags["BLOCK_V"], 1, stride_outer, stride_inner, inner_size, 1.0, 1.0,
             **flags, num_warps=num_warps, grid=(1,))
@@ -284,6 +407,7 @@ def softmax_row_stats(
     num_splits: int | None = None,
     num_warps: int | None = None,
     prefetch: bool = True,
+    lanes: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Launch the two kernels on logits [..., V]; returns the requested outputs, each of shape [N].
 
@@ -293,7 +417,8 @@ def softmax_row_stats(
     to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
     A seeded sample depends on block_v (the column order) but not on num_splits. block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
-    this one) override the launch layout, for tests and tuning.
+    this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too,
+    for tests and tuning.
     """
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
@@ -306,9 +431,13 @@ def softmax_row_stats(
     num_warps = num_warps or default_num_warps(block_v)
     flags = dict(TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=sample and temperature != 1.0,
                  BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
+    partial = _partial_kernel_lanes
+    if not lanes and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
+        partial, flags["VEC"] = _partial_kernel, 16 // logits.element_size()  # a slot: one 16-byte load
     per_sm = 8
     if num_splits is None and device.type == "cuda" and n_rows:
-        per_sm = _partial_programs_per_sm(logits, vocab, stride_outer, stride_inner, inner_size, flags, num_warps)
+        per_sm = _partial_programs_per_sm(partial, logits, vocab, stride_outer, stride_inner, inner_size, flags,
+                                          num_warps)
     block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), device, block_v,
                                                     num_splits, per_sm)
     groups = flags["GROUPS"]
@@ -323,7 +452,7 @@ def softmax_row_stats(
     group = torch.empty(field_stride * groups if sample else 1, dtype=torch.float32, device=device)
     c = float(scale) * LOG2E
     t_ratio = 1.0 / temperature if sample else 1.0
-    _partial_kernel[(n_rows, n_splits)](
+    partial[(n_rows, n_splits)](
         logits, part, part_idx, group,
         vocab, cols_per_split, field_stride,
         stride_outer, stride_inner, inner_size,

@@ -7,7 +7,8 @@ import torch
 
 from atpo_fast import TokenStats, token_stats
 from atpo_fast import reference
-from atpo_fast.kernels.token_stats import softmax_row_stats
+from atpo_fast.kernels.token_stats import _rows_aligned, softmax_row_stats
+from atpo_fast.kernels.utils import row_layout
 from atpo_fast.ops.token_stats import softmax_row_stats_torch
 from conftest import DEVICE
 
@@ -34,6 +35,18 @@ def mixed_rows(vocab: int, gen: torch.Generator) -> torch.Tensor:
     first_inf = rand(1.0)
     first_inf[0] = float("-inf")
     return torch.stack([rand(1.0), rand(8.0), peaked, uniform, tie1, tie2, neg_inf, first_inf, rand(0.01)])
+
+
+def laid_out(logits: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """The same rows [N, V] (N > 1) as a view into NaN padding whose rows start 16-byte aligned (a row
+    stride that is a multiple of 16: the kernel of slots) or not (an odd stride: the kernel of lanes)."""
+    rows, vocab = logits.shape
+    stride = -(-vocab // 16) * 16 + (0 if aligned else 1)
+    buf = torch.full((rows, stride), float("nan"), dtype=logits.dtype, device=logits.device)
+    buf[:, :vocab] = logits
+    view = buf[:, :vocab]
+    assert _rows_aligned(*row_layout(view)) == aligned
+    return view
 
 
 def assert_matches_reference(stats: TokenStats, logits: torch.Tensor, targets=None):
@@ -117,13 +130,15 @@ def test_invalid_rows_are_nan_only_there(backend, gen):
     assert_matches_reference(stats, logits.to(DEVICE))
 
 
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("vocab,block_v,num_splits", [(41, 16, 1), (41, 16, 3), (1000, 64, 3), (1000, 128, 16)])
-def test_kernel_vocab_splits(gen, vocab, block_v, num_splits):
-    """The merge of split partial states, with ties placed across split boundaries."""
+def test_kernel_vocab_splits(gen, vocab, block_v, num_splits, aligned):
+    """The merge of split partial states, with ties placed across split boundaries; rows read by
+    16-byte slots (aligned) and by lanes."""
     logits = mixed_rows(vocab, gen)
     logits[4, [2, vocab - 3]] = 50.0  # top-1 tie across the first and last split
     logits[5, [vocab // 2, 1]] = logits[5].max()  # top-2 tie spread over splits
-    logits = logits.to(DEVICE)
+    logits = laid_out(logits.to(DEVICE), aligned)
     targets = torch.randint(0, vocab, logits.shape[:-1], generator=gen).to(DEVICE)
     out = softmax_row_stats(logits, targets=targets, block_v=block_v, num_splits=num_splits)
     stats = TokenStats(**{k: out[k] for k in TokenStats._fields})
@@ -135,6 +150,10 @@ def test_kernel_vocab_splits(gen, vocab, block_v, num_splits):
         whole = softmax_row_stats(logits, temperature=temperature, seed=7, block_v=block_v, num_splits=1)
         assert torch.equal(split["sampled"], whole["sampled"])
         torch.testing.assert_close(split["sampled_prob"], whole["sampled_prob"], equal_nan=True)
+        # nor on which kernel reads the rows
+        other = softmax_row_stats(laid_out(logits, not aligned), temperature=temperature, seed=7, block_v=block_v,
+                                  num_splits=num_splits)
+        assert torch.equal(split["sampled"], other["sampled"])
 
 
 def test_default_launch_layout(monkeypatch):
@@ -187,12 +206,30 @@ def test_default_layout_reads_the_registers_of_the_launched_kernel(gen):
     assert len(module._PROGRAMS_PER_SM) == 2 and all(1 <= n <= 16 for n in module._PROGRAMS_PER_SM.values())
 
 
-def test_kernel_argmax_where_the_max_is_raised(gen):
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernel_far_from_zero_after_minus_inf(gen, aligned):
+    """Logits of -300 or +300 after a stretch of -inf: the first finite max of a slot (or tile) must
+    not rescale its empty sums by 2^(300 log2 e) (inf * 0 = NaN)."""
+    vocab = 100
+    rows = torch.randn(4, vocab, generator=gen)
+    rows[:2] -= 300.0
+    rows[2:] += 300.0
+    rows[[0, 2], :40] = float("-inf")
+    rows[[1, 3], 1::2] = float("-inf")
+    logits = laid_out(rows.to(DEVICE), aligned)
+    for num_splits in (1, 3):
+        out = softmax_row_stats(logits, block_v=16, num_splits=num_splits)
+        assert_matches_reference(TokenStats(**{k: out.get(k) for k in TokenStats._fields}), logits)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernel_argmax_where_the_max_is_raised(gen, aligned):
     """The argmax is found in the tile that raised the running max last: a max raised in every tile
     (ascending row), ties in one tile, ties across tiles, a max in the partial last tile, a max equal
-    to a -inf-free row's only finite entry; top-2 ties give margin 0."""
+    to a -inf-free row's only finite entry, ties in one slot of 4 columns within a tile and across
+    tiles; top-2 ties give margin 0."""
     vocab = 100  # tiles of 16: six whole ones and a partial one of 4 columns
-    rows = torch.randn(6, vocab, generator=gen)
+    rows = torch.randn(8, vocab, generator=gen)
     rows[0] = torch.arange(vocab, dtype=torch.float32)  # argmax 99, in the partial tile
     rows[1, [40, 35]] = 9.0  # a tie inside the tile [32, 48): 35
     rows[2, [37, 5]] = 9.0  # a tie across tiles: 5
@@ -200,16 +237,19 @@ def test_kernel_argmax_where_the_max_is_raised(gen):
     rows[4] = float("-inf")
     rows[4, 50] = 0.0  # one finite entry: argmax 50, top1_prob 1
     rows[5] = rows[0].flip(0)  # the max in the first column, never raised again
-    logits = rows.to(DEVICE)
+    rows[6, [45, 44]] = 9.0  # a tie inside one slot (columns 44-47) of one tile: 44
+    rows[7, [21, 5]] = 9.0  # a tie in one slot position of two tiles: 5
+    logits = laid_out(rows.to(DEVICE), aligned)
     for num_splits in (1, 2, 7):
         out = softmax_row_stats(logits, block_v=16, num_splits=num_splits)
         stats = TokenStats(**{k: out.get(k) for k in TokenStats._fields})
-        assert stats.argmax.cpu().tolist() == [99, 35, 5, 97, 50, 0], num_splits
+        assert stats.argmax.cpu().tolist() == [99, 35, 5, 97, 50, 0, 44, 5], num_splits
         assert_matches_reference(stats, logits)
-        assert stats.margin[1].item() == 0.0 and stats.margin[2].item() == 0.0
+        assert (stats.margin[[1, 2, 6, 7]] == 0).all()
 
 
-def test_kernel_runner_up_in_the_argmax_lane(gen):
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernel_runner_up_in_the_argmax_lane(gen, aligned):
     """The loop keeps one running max per lane; the merge finds a runner-up that shares the argmax's
     lane (columns congruent modulo the tile width) by rereading that lane: in a later tile, an earlier
     one, another split, the partial last tile, a tie, and a lane holding the only finite entries."""
@@ -224,7 +264,7 @@ def test_kernel_runner_up_in_the_argmax_lane(gen):
     rows[5, [11, 43]] = torch.tensor([1.0, 0.0])  # the only finite entries, in one lane
     rows[6] = float("-inf")
     rows[6, 60] = 3.0  # no runner-up at all: margin 1
-    logits = rows.to(DEVICE)
+    logits = laid_out(rows.to(DEVICE), aligned)
     for num_splits in (1, 2, 7):
         out = softmax_row_stats(logits, block_v=block_v, num_splits=num_splits)
         stats = TokenStats(**{k: out.get(k) for k in TokenStats._fields})
@@ -236,7 +276,7 @@ def test_kernel_runner_up_in_the_argmax_lane(gen):
     wide = torch.randn(2, 126464, generator=gen) - 10.0
     wide[0, [700, 700 + 1024]] = torch.tensor([4.0, 3.5])
     wide[1, [126463, 126463 - 3 * 1024]] = torch.tensor([4.0, 4.0])
-    wide = wide.to(torch.bfloat16).to(DEVICE)
+    wide = laid_out(wide.to(torch.bfloat16).to(DEVICE), aligned)
     assert_matches_reference(token_stats(wide, backend="triton"), wide)
 
 
