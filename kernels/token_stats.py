@@ -93,10 +93,10 @@ def _partial_kernel(
 
     c = scale * log2(e); t_ratio = 1 / temperature (sampling). A tile is read as [BLOCK_V / VEC, VEC]
     (one slot of VEC consecutive lanes per thread), and the running max and the sums are kept per
-    slot, so a tile needs no cross-thread reduction. Writes the fields of _FLOAT_FIELDS at
-    part_ptr + k * field_stride + slot, top1's column at part_idx_ptr + slot, and with SAMPLE the
-    GROUPS lane-group sums of 2^(y / temperature) at group_ptr + slot * GROUPS (y taken to the
-    program's own max m).
+    slot, so a tile needs no cross-thread reduction. Writes, with entry = row * num_splits + split,
+    the fields of _FLOAT_FIELDS at part_ptr + k * field_stride + entry, top1's column at
+    part_idx_ptr + entry, and with SAMPLE the GROUPS lane-group sums of 2^(y / temperature) at
+    group_ptr + entry * GROUPS (y taken to the program's own max m).
     """
     SLOTS: tl.constexpr = BLOCK_V // VEC
     row64 = tl.program_id(0).to(tl.int64)
@@ -151,11 +151,11 @@ def _partial_kernel(
     mc_all = tl.where(m_all == neg_inf, 0.0, m_all * c)
     shift = mc - mc_all
     w = tl.where(m == neg_inf, 0.0, tl.exp2(shift))
-    slot = row64 * tl.num_programs(1) + split
-    tl.store(part_ptr + slot, m_all)
-    tl.store(part_ptr + field_stride + slot, tl.sum(w * d, axis=0))
+    entry = row64 * tl.num_programs(1) + split
+    tl.store(part_ptr + entry, m_all)
+    tl.store(part_ptr + field_stride + entry, tl.sum(w * d, axis=0))
     if ENTROPY:
-        tl.store(part_ptr + 2 * field_stride + slot, tl.sum(tl.where(w > 0, w * (t + shift * d), 0.0), axis=0))
+        tl.store(part_ptr + 2 * field_stride + entry, tl.sum(tl.where(w > 0, w * (t + shift * d), 0.0), axis=0))
     if TOP2:
         # the first column of the max: in each slot holding it, the first of the tile that raised the
         # slot's max last (reread: VEC columns of the one or few slots that hold it)
@@ -166,15 +166,15 @@ def _partial_kernel(
         m_col = tl.min(tl.min(tl.where(reread & (x == m_all), cols, col_end), axis=1), axis=0)
         first_lane = tl.min(tl.min(tl.where(top1 == m_all, lanes, BLOCK_V), axis=1), axis=0)  # m once
         runner_up = tl.max(tl.max(tl.where(lanes == first_lane, neg_inf, top1), axis=1), axis=0)  # other lanes
-        tl.store(part_ptr + 3 * field_stride + slot, runner_up)
-        tl.store(part_idx_ptr + slot, tl.where(m_col == col_end, col_start, m_col))
+        tl.store(part_ptr + 3 * field_stride + entry, runner_up)
+        tl.store(part_idx_ptr + entry, tl.where(m_col == col_end, col_start, m_col))
     if SAMPLE:
         if TEMPERED:
             scaled = tl.where(m == neg_inf, 0.0, tl.exp2(shift * t_ratio)) * dt
         else:
             scaled = w * d
         group_sums = tl.sum(tl.reshape(scaled, (GROUPS, SLOTS // GROUPS)), axis=1)
-        tl.store(group_ptr + slot * GROUPS + tl.arange(0, GROUPS), group_sums)
+        tl.store(group_ptr + entry * GROUPS + tl.arange(0, GROUPS), group_sums)
 
 
 @triton.jit(do_not_specialize=["field_stride"])
@@ -236,22 +236,22 @@ def _partial_kernel_lanes(
             if TEMPERED:
                 dt += tl.exp2(y * t_ratio)
 
-    slot = row64 * tl.num_programs(1) + split
-    tl.store(part_ptr + slot, m)
-    tl.store(part_ptr + field_stride + slot, tl.sum(d, axis=0))
+    entry = row64 * tl.num_programs(1) + split
+    tl.store(part_ptr + entry, m)
+    tl.store(part_ptr + field_stride + entry, tl.sum(d, axis=0))
     if ENTROPY:
-        tl.store(part_ptr + 2 * field_stride + slot, tl.sum(t, axis=0))
+        tl.store(part_ptr + 2 * field_stride + entry, tl.sum(t, axis=0))
     if TOP2:
         first_lane = tl.min(tl.where(top1 == m, lanes, BLOCK_V), axis=0)  # m once; a tie elsewhere is top2
         runner_up = tl.max(tl.where(lanes == first_lane, float("-inf"), top1), axis=0)  # the other lanes' best
-        tl.store(part_ptr + 3 * field_stride + slot, runner_up)
-        tl.store(part_idx_ptr + slot, m_col)
+        tl.store(part_ptr + 3 * field_stride + entry, runner_up)
+        tl.store(part_idx_ptr + entry, m_col)
     if SAMPLE:
         if TEMPERED:
             group_sums = tl.sum(tl.reshape(dt, (GROUPS, BLOCK_V // GROUPS)), axis=1)
         else:
             group_sums = tl.sum(tl.reshape(d, (GROUPS, BLOCK_V // GROUPS)), axis=1)
-        tl.store(group_ptr + slot * GROUPS + tl.arange(0, GROUPS), group_sums)
+        tl.store(group_ptr + entry * GROUPS + tl.arange(0, GROUPS), group_sums)
 
 
 @triton.jit
@@ -272,11 +272,11 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
     """
     j = tl.arange(0, BLOCK_S)
     valid = j < n_splits
-    slot = row64 * n_splits + j
-    m_j = tl.load(part_ptr + slot, mask=valid, other=float("-inf"))
+    entry = row64 * n_splits + j
+    m_j = tl.load(part_ptr + entry, mask=valid, other=float("-inf"))
     w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2((m_j * c - mc_max) * t_ratio))  # each program's scale
     g = tl.arange(0, GROUPS)
-    sums = tl.load(group_ptr + slot[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
+    sums = tl.load(group_ptr + entry[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
     group_sum = tl.sum(sums * w_j[:, None], axis=0)  # [GROUPS]
 
     target = _uniform_open(seed_hi, seed_lo, row64) * tl.sum(group_sum, axis=0)
@@ -316,9 +316,9 @@ def _merge_kernel(
     row64 = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_S)
     valid = j < n_splits
-    slot = row64 * n_splits + j
-    m_j = tl.load(part_ptr + slot, mask=valid, other=float("-inf"))
-    d_j = tl.load(part_ptr + field_stride + slot, mask=valid, other=0.0)
+    entry = row64 * n_splits + j
+    m_j = tl.load(part_ptr + entry, mask=valid, other=float("-inf"))
+    d_j = tl.load(part_ptr + field_stride + entry, mask=valid, other=0.0)
 
     m = tl.max(m_j, axis=0)
     mc = tl.where(m == float("-inf"), 0.0, m * c)
@@ -331,7 +331,7 @@ def _merge_kernel(
     row_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
 
     if STORE_ENTROPY:
-        t_j = tl.load(part_ptr + 2 * field_stride + slot, mask=valid, other=0.0)
+        t_j = tl.load(part_ptr + 2 * field_stride + entry, mask=valid, other=0.0)
         t = tl.sum(tl.where(w_j > 0, w_j * (t_j + shift_j * d_j), 0.0), axis=0)
         tl.store(entropy_ptr + row64, tl.where(invalid, nan, LN2 * (log2_d - t / d)))
     if STORE_LSE:
@@ -344,8 +344,8 @@ def _merge_kernel(
         tl.store(target_logprob_ptr + row64, tl.where(ignored, 0.0, logprob))
     if TOP2:
         j_top = tl.min(tl.where(valid & (m_j == m), j, BLOCK_S), axis=0)
-        top1_col = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + slot, mask=valid, other=0), 0), axis=0)
-        top2_j = tl.load(part_ptr + 3 * field_stride + slot, mask=valid, other=float("-inf"))
+        top1_col = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + entry, mask=valid, other=0), 0), axis=0)
+        top2_j = tl.load(part_ptr + 3 * field_stride + entry, mask=valid, other=float("-inf"))
         top2 = tl.maximum(tl.max(top2_j, axis=0), tl.max(tl.where(j == j_top, float("-inf"), m_j), axis=0))
         # the argmax's own lane: the columns congruent to it modulo BLOCK_V (splits start at multiples of it)
         same_lane = top1_col % BLOCK_V + tl.arange(0, N_TILES) * BLOCK_V
