@@ -389,7 +389,8 @@ def _partial_programs_per_sm(kernel, logits, vocab, stride_outer, stride_inner, 
             logits, f32, torch.empty(1, dtype=torch.int32, device=logits.device), f32,
             vocab, flags["BLOCK_V"], 1, stride_outer, stride_inner, inner_size, 1.0, 1.0,
             **flags, num_warps=num_warps, grid=(1,))
-        _PROGRAMS_PER_SM[key] = programs_per_sm(compiled, num_warps, logits.device)
+        # no compiled kernel under the interpreter: its programs run one at a time anyway
+        _PROGRAMS_PER_SM[key] = 8 if compiled is None else programs_per_sm(compiled, num_warps, logits.device)
     return _PROGRAMS_PER_SM[key]
 
 

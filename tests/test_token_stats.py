@@ -189,6 +189,13 @@ def test_default_launch_layout(monkeypatch):
     assert [layout(126464, n, cuda, False) for n in (256, 1055, 1056, 4096)] == [(1024, 4)] * 2 + [(512, 1)] * 2
     assert layout(126464, 4096, cuda, True) == (1024, 4) and layout(100, 4096, cuda, False) == (128, 1)
     assert layout(126464, 4096, torch.device("cpu"), False) == (1024, 4)
+    if DEVICE.type == "cpu":  # the interpreter compiles nothing: the default count, not a crash
+        from atpo_fast.kernels import token_stats as module
+
+        flags = dict(TOP2=True, ENTROPY=True, SAMPLE=False, TEMPERED=False, BLOCK_V=16, GROUPS=1, PREFETCH=True,
+                     VEC=4)
+        count = module._partial_programs_per_sm(module._partial_kernel, torch.zeros(2, 32), 32, 32, 0, 1, flags, 1)
+        assert count == 8
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="reads a compiled kernel's registers on the GPU")
