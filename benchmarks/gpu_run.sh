@@ -13,8 +13,9 @@
 #   tests     the whole CUDA test suite, with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. With PACK=<file.tgz> the folder is also packed into that one file as each stage
-# begins and at the end (the device tool returns at most 8 files):
-#   OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash benchmarks/gpu_run.sh
+# begins and at the end (the device tool returns at most 8 files). PACK comes first, so that its $OUT is
+# the device tool's folder (bash expands later assignments with the earlier ones already made):
+#   PACK=$OUT/gpu_results.tgz OUT=/tmp/gpu bash benchmarks/gpu_run.sh
 # Baseline libraries travel as wheels in .whl/ (ignored by git; carry it):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel cut-cross-entropy
 #   bash benchmarks/gpu_run.sh
