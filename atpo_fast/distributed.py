@@ -69,6 +69,11 @@ class Dist:
         return self.reduce(sums, "sum", device), self.reduce(maxes, "max", device)
 
 
+def device_type(device: str) -> str:
+    """A config's device ("auto", "cpu" or "cuda") as "cpu" or "cuda": auto is CUDA when there is a GPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def setup(backend: str = "auto", device: str = "auto") -> Dist:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process); else a one-process Dist.
 
@@ -83,8 +88,7 @@ def setup(backend: str = "auto", device: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend == "auto":
-            on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-            backend = "nccl" if on_cuda else "gloo"
+            backend = "nccl" if device_type(device) == "cuda" else "gloo"
         if backend == "nccl":
             if local_rank >= torch.cuda.device_count():
                 raise ValueError(f"distributed.backend 'nccl' needs a GPU per rank on this machine: local rank "

@@ -47,7 +47,7 @@ from atpo_fast.trace import Rollout, Trace, concat_rollouts
 
 def resolve_device(config: TrainConfig, d: distributed.Dist) -> torch.device:
     """config.device, with auto resolved and each rank of a CUDA run on its own GPU."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    device = distributed.device_type(config.device)
     return torch.device(f"cuda:{d.local_rank}" if device == "cuda" and d.world > 1 else device)
 
 

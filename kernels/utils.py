@@ -75,9 +75,10 @@ def stats_layout(vocab: int, n_rows: int, device: torch.device, sample: bool) ->
     greedy against 72.8%, but at N = 256, where rows are split, 46% against 65% for the log-sum-exp
     pass (kernel_layouts_cuda_2026-11-27_run2.md).
     """
+    columns = max(16, triton.next_power_of_2(vocab))
     if not sample and device.type == "cuda" and n_rows >= target_programs(device):
-        return min(512, max(16, triton.next_power_of_2(vocab))), 1
-    block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
+        return min(512, columns), 1
+    block_v = min(1024, columns)
     return block_v, default_num_warps(block_v)
 
 
