@@ -10,7 +10,8 @@ program reads its columns once, in tiles of BLOCK_V, and keeps float32 state in 
     top1   each lane's largest logit (a lane: a column position in the tile)
     m_col  the first column holding m
 On rows Triton can prove 16-byte aligned (_partial_kernel), a tile is read as slots of VEC
-consecutive columns, one 16-byte load per thread and slot, and m, d, t and dt are kept per slot:
+consecutive columns, one 16-byte load per thread and slot (but float32 rows sampled at a
+temperature other than 1 go to _partial_kernel_lanes), and m, d, t and dt are kept per slot:
 a tile needs no cross-thread reduction and no barrier; each slot's sums are rescaled to its own
 max, and a slot remembers the tile that raised its max so that m_col is found by rereading VEC
 columns at the end. Other rows (_partial_kernel_lanes) keep one m per program (the tile max, a
@@ -418,8 +419,8 @@ def softmax_row_stats(
     to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
     A seeded sample depends on block_v (the column order) but not on num_splits. block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
-    this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too,
-    for tests and tuning.
+    this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too
+    (float32 rows sampled at temperature != 1 always are), for tests and tuning.
     """
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
@@ -433,8 +434,12 @@ def softmax_row_stats(
     flags = dict(TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=sample and temperature != 1.0,
                  BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
     partial = _partial_kernel_lanes
-    if not lanes and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
-        partial, flags["VEC"] = _partial_kernel, 16 // logits.element_size()  # a slot: one 16-byte load
+    vec = 16 // logits.element_size()  # a slot: one 16-byte load
+    # float32 slots hold 4 columns, too few to pay for the per-slot rescale of a tempered sample's sums
+    # (16.4 against 15.8 SASS instructions per element, Triton 3.6): those keep the kernel of lanes
+    slots = not lanes and not (flags["TEMPERED"] and vec < 8)
+    if slots and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
+        partial, flags["VEC"] = _partial_kernel, vec
     per_sm = 8
     if num_splits is None and device.type == "cuda" and n_rows:
         per_sm = _partial_programs_per_sm(partial, logits, vocab, stride_outer, stride_inner, inner_size, flags,

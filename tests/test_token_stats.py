@@ -152,10 +152,14 @@ def test_kernel_vocab_splits(gen, vocab, block_v, num_splits, aligned):
         whole = softmax_row_stats(logits, temperature=temperature, seed=7, block_v=block_v, num_splits=1)
         assert torch.equal(split["sampled"], whole["sampled"])
         torch.testing.assert_close(split["sampled_prob"], whole["sampled_prob"], equal_nan=True)
-        # nor on which kernel reads the rows
+        # nor on which kernel reads the rows, also in bf16 (float32 at T = 0.7 reads by lanes either way)
         other = softmax_row_stats(laid_out(logits, not aligned), temperature=temperature, seed=7, block_v=block_v,
                                   num_splits=num_splits)
         assert torch.equal(split["sampled"], other["sampled"])
+        half = [softmax_row_stats(laid_out(logits.to(torch.bfloat16), a), temperature=temperature, seed=7,
+                                  block_v=block_v, num_splits=num_splits) for a in (aligned, not aligned)]
+        assert torch.equal(half[0]["sampled"], half[1]["sampled"])
+        torch.testing.assert_close(half[0]["sampled_prob"], half[1]["sampled_prob"], equal_nan=True)
 
 
 def test_default_launch_layout(monkeypatch):
