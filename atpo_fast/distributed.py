@@ -115,14 +115,19 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
     if strategy == "ddp":
         device = next(model.parameters()).device
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    device = next(model.parameters()).device
+    # the mesh follows the model's device: FSDP's default mesh is CUDA whenever a GPU exists, and would
+    # claim GPU `local_rank` for a CPU run under torchrun on a one-GPU machine
+    mesh = init_device_mesh(device.type, (d.world,))
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     # FSDP sets up its root on the first forward through the root; run one (a single token) before the
     # sampler calls the blocks on their own, which would make each block a root of its own
-    token = torch.zeros(1, dtype=torch.int64, device=next(model.parameters()).device)
+    token = torch.zeros(1, dtype=torch.int64, device=device)
     with torch.no_grad():
         model(token[None], None, token, token, token)
     model.reshard()  # the root keeps its parameters gathered after a forward; the optimizer wants the shards

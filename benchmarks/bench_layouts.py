@@ -1,6 +1,6 @@
 """Launch layouts of the vocabulary pass on CUDA, side by side: tile width, warps, prefetch, splits.
 
-What picks the statistics pass's defaults (kernels/utils.py: stats_layout, vocab_split), and the
+What picks the statistics pass's defaults (kernels/utils.py: default_block_v, stats_num_warps, vocab_split), and the
 two kernels of kernels/token_stats.py side by side on the same aligned rows. Device time of one
 call replayed from a CUDA graph (do_bench_cudagraph), as a percent of a measured device-to-device
 copy of the bf16 logits' bytes (read once), for V = 126464 and N = 256 and 4096: greedy
@@ -23,10 +23,10 @@ VOCAB = 126464
 ROWS = (4096, 256)
 # (block_v, num_warps, prefetch, num_splits, lanes); None takes the default; lanes: the kernel for unaligned
 # rows (one max per tile) on these aligned rows, against the default kernel (one max per 16-byte slot)
-LAYOUTS = [(None, None, None, None, False), (None, None, None, None, True), (2048, 8, True, None, False),
-           (1024, 4, False, None, False), (2048, 4, True, None, False), (1024, 2, True, None, False),
-           (512, 2, True, None, False), (512, 1, True, None, False), (512, 1, True, None, True),
-           (256, 1, True, None, False)]
+LAYOUTS = [(None, None, None, None, False), (None, None, None, None, True), (2048, 4, False, None, False),
+           (2048, 2, True, None, False), (2048, 8, True, None, False), (4096, 4, True, None, False),
+           (4096, 8, True, None, False), (1024, 4, True, None, False), (1024, 2, True, None, False),
+           (512, 1, True, None, False)]
 SPLITS_AT_256 = (2, 3, 4, 6, 8)  # programs per row at N = 256 with the default layout otherwise
 KINDS = {"T=0": dict(temperature=0.0), "T=1": dict(temperature=1.0, seed=1),
          "lse": dict(top2=False, entropy=False, lse=True)}

@@ -23,12 +23,15 @@ under 2% of the row's bytes), so the loop keeps one running max per lane, not tw
 NaN or +inf gets d = NaN, a row of only -inf gets d = 0: both are reported as invalid (NaN
 statistics, index -1).
 
-Sampling draws one uniform per row from Philox keyed by (seed, row) and inverts the CDF of
-softmax(x / temperature) in a fixed column order that does not depend on the launch layout:
-columns are grouped by their lane group (GROUP_W consecutive lanes of a BLOCK_V tile); each
-program stores its per-group sums, the merge picks the group from the sums and rescans only that
-group's columns (GROUP_W per tile of the row) to pick the column. No noise and no probability
-tensor of size V ever exists.
+Sampling draws two uniforms per row from one Philox call keyed by (seed, row) and inverts the
+CDF of softmax(x / temperature) in a fixed column order that does not depend on the launch
+layout: columns are grouped by their lane group (GROUP_W consecutive lanes of a BLOCK_V tile);
+each program stores its per-group sums, the merge picks the group from the sums with the first
+uniform, then rescans only that group's columns (GROUP_W per tile of the row) and picks the column
+with the second. No noise and no probability tensor of size V ever exists. The column within the
+group is exact in any layout; the group sums round differently with the split count and the
+kernel, which moves a draw to another group only when the first uniform falls within that rounding
+(~1e-7 of the row's mass) of a group boundary.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import triton.language as tl
 from atpo_fast import _checks
 
 from .outputs import row_stat_outputs
-from .utils import default_num_warps, programs_per_sm, row_layout, stats_layout, vocab_split
+from .utils import default_block_v, programs_per_sm, row_layout, stats_num_warps, vocab_split
 
 IGNORE_INDEX = tl.constexpr(_checks.IGNORE_INDEX)  # a constexpr: jitted code may read no plain global
 LOG2E = 1.4426950408889634
@@ -256,10 +259,16 @@ def _partial_kernel_lanes(
 
 
 @triton.jit
-def _uniform_open(seed_hi, seed_lo, row64):
-    """A uniform in (0, 1) for this row: 23 random bits, centred, so never 0 or 1 in float32."""
-    bits = tl.randint((seed_hi.to(tl.int64) << 31) | seed_lo, row64.to(tl.uint32))
+def _open_unit(bits):
+    """23 random bits as a uniform in (0, 1), centred, so never 0 or 1 in float32."""
     return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _uniforms_open(seed_hi, seed_lo, row64):
+    """Two independent uniforms in (0, 1) for this row, from one Philox call keyed by (seed, row)."""
+    bits_group, bits_column, _, _ = tl.randint4x((seed_hi.to(tl.int64) << 31) | seed_lo, row64.to(tl.uint32))
+    return _open_unit(bits_group), _open_unit(bits_column)
 
 
 @triton.jit
@@ -267,9 +276,14 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
             BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
     """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
 
-    part_ptr: the programs' maxima m; mc_max: the row's max times c. fallback: the column to return
-    if rounding leaves the chosen group's rescanned terms all 0 (never seen; it keeps every read in
-    the row).
+    A lane group is drawn with one uniform from the programs' group sums, then a column of that group
+    with the other from its rescanned terms. The second draw reads only logits and the row's max, so
+    the column depends on the launch layout only through the group: the group sums' rounding differs
+    between split counts and kernels, and moves a draw only when the first uniform falls within that
+    rounding of one of the GROUPS - 1 group boundaries (a single draw over the row would move with any
+    of its V column boundaries). part_ptr: the programs' maxima m; mc_max: the row's max times c.
+    fallback: the column to return if rounding leaves the chosen group's rescanned terms all 0 (never
+    seen; it keeps every read in the row).
     """
     j = tl.arange(0, BLOCK_S)
     valid = j < n_splits
@@ -280,11 +294,11 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
     sums = tl.load(group_ptr + entry[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
     group_sum = tl.sum(sums * w_j[:, None], axis=0)  # [GROUPS]
 
-    target = _uniform_open(seed_hi, seed_lo, row64) * tl.sum(group_sum, axis=0)
+    u_group, u_column = _uniforms_open(seed_hi, seed_lo, row64)
+    target = u_group * tl.sum(group_sum, axis=0)
     cum = tl.cumsum(group_sum, axis=0)
     group = tl.min(tl.where(cum > target, g, GROUPS), axis=0)
     group = tl.where(group == GROUPS, tl.max(tl.where(group_sum > 0, g, 0), axis=0), group)  # rounding
-    residual = target - tl.sum(tl.where(g == group - 1, cum, 0.0), axis=0)
 
     # the chosen group's lanes in every tile of the row, in column order
     cols = (tl.arange(0, N_TILES)[:, None] * BLOCK_V + group * (BLOCK_V // GROUPS)
@@ -292,7 +306,8 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
     cols = tl.reshape(cols, (N_TILES * (BLOCK_V // GROUPS),))
     x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
     e = tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
-    hit = tl.cumsum(e, axis=0) > residual
+    cum_e = tl.cumsum(e, axis=0)
+    hit = cum_e > u_column * tl.max(cum_e, axis=0)
     col = tl.min(tl.where(hit, cols, 2147483647), axis=0)
     last_positive = tl.max(tl.where(e > 0, cols, -1), axis=0)
     col = tl.where(col == 2147483647, last_positive, col)
@@ -417,7 +432,8 @@ def softmax_row_stats(
     returns top1_prob, margin, argmax, sampled and sampled_prob; sampling is an inverse-CDF draw
     from softmax(logits / temperature) when temperature > 0, the argmax otherwise. Targets equal
     to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
-    A seeded sample depends on block_v (the column order) but not on num_splits. block_v,
+    A seeded sample depends on block_v (the column order), and on num_splits and on the kernel only
+    where the group sums' rounding moves it across a lane-group boundary (see _sample). block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
     this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too
     (float32 rows sampled at temperature != 1 always are), for tests and tuning.
@@ -427,10 +443,7 @@ def softmax_row_stats(
     device = logits.device
     logits, stride_outer, stride_inner, inner_size = row_layout(logits)
     sample = top2 and temperature > 0
-    if block_v is None:
-        block_v, default_warps = stats_layout(vocab, n_rows, device, sample)
-        num_warps = num_warps or default_warps
-    num_warps = num_warps or default_num_warps(block_v)
+    block_v = block_v or default_block_v(vocab, logits.element_size())
     flags = dict(TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=sample and temperature != 1.0,
                  BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
     partial = _partial_kernel_lanes
@@ -440,6 +453,7 @@ def softmax_row_stats(
     slots = not lanes and not (flags["TEMPERED"] and vec < 8)
     if slots and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
         partial, flags["VEC"] = _partial_kernel, vec
+    num_warps = num_warps or stats_num_warps(block_v, logits.element_size())
     per_sm = 8
     if num_splits is None and device.type == "cuda" and n_rows:
         per_sm = _partial_programs_per_sm(partial, logits, vocab, stride_outer, stride_inner, inner_size, flags,

@@ -60,31 +60,28 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def default_block_v(vocab: int, element_size: int) -> int:
-    """Tile width of the log-prob backward pass: 4 KiB of logits per tile (2048 bf16/fp16, 1024 float32)."""
+    """Tile width of the vocabulary passes: 4 KiB of logits per tile (2048 bf16/fp16, 1024 float32)."""
     return min(4096 // element_size, max(16, triton.next_power_of_2(vocab)))
 
 
-def stats_layout(vocab: int, n_rows: int, device: torch.device, sample: bool) -> tuple[int, int]:
-    """Tile width and warps of the statistics pass (token_stats, log-sum-exp), in every dtype.
+def stats_num_warps(block_v: int, element_size: int) -> int:
+    """Warps of the statistics pass (token_stats, log-sum-exp) over tiles of block_v columns: two 16-byte
+    loads per thread and tile, 1 to 4 warps (4 on the default 4 KiB tiles of default_block_v).
 
-    1024 columns on 4 warps; a pass that draws no sample takes 512 columns on 1 warp once its rows alone
-    fill a wave (a sample keeps one tile width: the column order decides which token a seed draws).
-    Measured on an H200 (bf16, V = 126464): 1024-column tiles beat 2048 and 4096 at N = 256 and 4096,
-    and prefetching one tile beat two or three (kernel_layouts_cuda_2026-11-27.md); at N = 4096, 512
-    columns on 1 warp read at 95.7% of copy bandwidth for the log-sum-exp pass against 87.1%, and 77.1%
-    greedy against 72.8%, but at N = 256, where rows are split, 46% against 65% for the log-sum-exp
-    pass (kernel_layouts_cuda_2026-11-27_run2.md).
+    Measured on an H200 (bf16, V = 126464, CUDA graphs, kernel_layouts_cuda_2026-11-27_run3.md) with the
+    kernel of slots: 2048 columns on 4 warps with one tile prefetched was the best layout or within 1.5
+    points of it in all six cases (greedy, T = 1 and log-sum-exp at N = 256 and 4096). Greedy at N = 4096:
+    85.3% of copy bandwidth, against 77.7% for 512 columns on 1 warp and 80.7% for 1024 on 4; T = 1: 79.6%
+    against 73.6% for 1024 on 4. The kernel of lanes takes the same layout: on 8 warps its 16-bit rows
+    would hold 48-64 registers instead of 79-157, but run 1.8-2.3 more SASS instructions per element,
+    float32 rows 4.0-4.3 more (its per-tile reductions spread over fewer columns per thread; Triton 3.6,
+    sm_90).
     """
-    columns = max(16, triton.next_power_of_2(vocab))
-    if not sample and device.type == "cuda" and n_rows >= target_programs(device):
-        return min(512, columns), 1
-    block_v = min(1024, columns)
-    return block_v, default_num_warps(block_v)
+    return max(1, min(4, block_v * element_size // 1024))
 
 
 def default_num_warps(block_v: int) -> int:
-    """Warps of a vocabulary pass: 8 columns of each tile per thread (one 16-byte load of bf16), so the
-    per-lane state of token_stats fits ~80 registers."""
+    """Warps of the log-prob backward pass: 8 columns of each tile per thread (one 16-byte load of bf16)."""
     return max(1, min(8, block_v // 256))
 
 
