@@ -71,8 +71,9 @@ def stats_num_warps(block_v: int, element_size: int) -> int:
     Measured on an H200 (bf16, V = 126464, CUDA graphs, kernel_layouts_cuda_2026-11-27_run3.md) with the
     kernel of slots: 2048 columns on 4 warps with one tile prefetched was the best layout or within 1.5
     points of it in all six cases (greedy, T = 1 and log-sum-exp at N = 256 and 4096). Greedy at N = 4096:
-    85.3% of copy bandwidth, against 77.7% for 512 columns on 1 warp and 80.7% for 1024 on 4; T = 1: 79.6%
-    against 73.6% for 1024 on 4. The kernel of lanes takes the same layout: on 8 warps its 16-bit rows
+    85.3% of copy bandwidth, against 77.7% for 512 columns on 1 warp and 80.7% for 1024 on 4 without the
+    prefetch; T = 1: 79.6% against 73.6% for 1024 on 4. As the default (_run4.md): 88.5% greedy, 82.1% at
+    T = 1, no other of ten layouts better by more than 2.2 points. The kernel of lanes takes the same layout: on 8 warps its 16-bit rows
     would hold 48-64 registers instead of 79-157, but run 1.8-2.3 more SASS instructions per element,
     float32 rows 4.0-4.3 more (its per-tile reductions spread over fewer columns per thread; Triton 3.6,
     sm_90).
