@@ -84,6 +84,19 @@ def _tile(row_ptr, cols, x_next, full_end, col_end, PHASE: tl.constexpr, PREFETC
     return x, x_next
 
 
+@triton.jit
+def _rescaled(d, t, dt, m, shift, t_ratio, ENTROPY: tl.constexpr, TEMPERED: tl.constexpr):
+    """The sums d, t, dt taken from the running max m to a new one: shift = m * c - (new max) * c (scalar
+    or per slot, like m); all 0 while m is -inf (nothing summed yet)."""
+    alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(shift))
+    if ENTROPY:
+        t = alpha * (t + shift * d)
+    d = alpha * d
+    if TEMPERED:
+        dt = tl.where(m == float("-inf"), 0.0, tl.exp2(shift * t_ratio)) * dt
+    return d, t, dt
+
+
 @triton.jit(do_not_specialize=["field_stride"])
 def _partial_kernel(
     logits_ptr, part_ptr, part_idx_ptr, group_ptr,
@@ -133,13 +146,7 @@ def _partial_kernel(
                 m_new = tl.maximum(m, tl.max(x, axis=1))
             # rescale each slot's sums to its new max (by 1 where it did not grow; 0 while it was -inf)
             mc_new = tl.where(m_new == neg_inf, 0.0, m_new * c)
-            shift = mc - mc_new
-            alpha = tl.where(m == neg_inf, 0.0, tl.exp2(shift))
-            if ENTROPY:
-                t = alpha * (t + shift * d)
-            d = alpha * d
-            if TEMPERED:
-                dt = tl.where(m == neg_inf, 0.0, tl.exp2(shift * t_ratio)) * dt
+            d, t, dt = _rescaled(d, t, dt, m, mc - mc_new, t_ratio, ENTROPY, TEMPERED)
             m = m_new
             mc = mc_new
             y = tl.fma(x, c, -mc[:, None])  # x * c - m * c in one rounding; the error of m * c is common to a slot
@@ -221,13 +228,7 @@ def _partial_kernel_lanes(
             tile_max = tl.max(x, axis=0)
             if tile_max > m:  # rare after the first tiles: rescale the lanes' sums to the new max
                 mc_new = tile_max * c
-                shift = mc - mc_new
-                alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(shift))
-                if ENTROPY:
-                    t = alpha * (t + shift * d)
-                d = alpha * d
-                if TEMPERED:
-                    dt = tl.where(m == float("-inf"), 0.0, tl.exp2(shift * t_ratio)) * dt
+                d, t, dt = _rescaled(d, t, dt, m, mc - mc_new, t_ratio, ENTROPY, TEMPERED)
                 if TOP2:  # the first column of the row's max is in the tile that raised m last
                     m_col = start + tl.min(tl.where(x == tile_max, lanes, BLOCK_V), axis=0)
                 m = tile_max

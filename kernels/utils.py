@@ -73,10 +73,10 @@ def stats_num_warps(block_v: int, element_size: int) -> int:
     points of it in all six cases (greedy, T = 1 and log-sum-exp at N = 256 and 4096). Greedy at N = 4096:
     85.3% of copy bandwidth, against 77.7% for 512 columns on 1 warp and 80.7% for 1024 on 4 without the
     prefetch; T = 1: 79.6% against 73.6% for 1024 on 4. As the default (_run4.md): 88.5% greedy, 82.1% at
-    T = 1, no other of ten layouts better by more than 2.2 points. The kernel of lanes takes the same layout: on 8 warps its 16-bit rows
-    would hold 48-64 registers instead of 79-157, but run 1.8-2.3 more SASS instructions per element,
-    float32 rows 4.0-4.3 more (its per-tile reductions spread over fewer columns per thread; Triton 3.6,
-    sm_90).
+    T = 1, no other of ten layouts better by more than 2.2 points. The kernel of lanes takes the same
+    layout: on 8 warps its 16-bit rows would hold 48-64 registers instead of 79-157, but run 1.8-2.3 more
+    SASS instructions per element, float32 rows 4.0-4.3 more (its per-tile reductions spread over fewer
+    columns per thread; Triton 3.6, sm_90).
     """
     return max(1, min(4, block_v * element_size // 1024))
 

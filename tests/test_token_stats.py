@@ -9,7 +9,7 @@ import torch
 
 from atpo_fast import TokenStats, token_stats
 from atpo_fast import reference
-from atpo_fast.kernels.token_stats import _rows_aligned, softmax_row_stats
+from atpo_fast.kernels.token_stats import GROUP_W, _rows_aligned, softmax_row_stats
 from atpo_fast.kernels.utils import row_layout
 from atpo_fast.ops.token_stats import softmax_row_stats_torch
 from conftest import DEVICE
@@ -222,7 +222,7 @@ def test_default_layout_reads_the_registers_of_the_launched_kernel(gen):
 
 def lane_group(columns: torch.Tensor, block_v: int) -> torch.Tensor:
     """The sampling lane group of each column: GROUP_W consecutive lanes of a block_v tile."""
-    return columns % block_v // 16
+    return columns % block_v // GROUP_W
 
 
 def assert_same_draw_within_groups(sampled, other, block_v, max_moved):
