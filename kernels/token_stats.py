@@ -21,7 +21,9 @@ top1 and the largest of m_col's own lane apart from m_col; the merge finds that 
 the columns congruent to the row's argmax modulo BLOCK_V (one strided read of V / BLOCK_V logits,
 under 2% of the row's bytes), so the loop keeps one running max per lane, not two. A row holding
 NaN or +inf gets d = NaN, a row of only -inf gets d = 0: both are reported as invalid (NaN
-statistics, index -1).
+statistics, index -1). A split row's programs store their states and a second kernel merges them
+(_merge_kernel); when one program covers the row (from about one wave of rows on), it writes the
+outputs itself with the same code (_write_row), so no second launch waits on the first.
 
 Sampling draws two uniforms per row from one Philox call keyed by (seed, row) and inverts the
 CDF of softmax(x / temperature) in a fixed column order that does not depend on the launch
@@ -97,14 +99,17 @@ def _rescaled(d, t, dt, m, shift, t_ratio, ENTROPY: tl.constexpr, TEMPERED: tl.c
     return d, t, dt
 
 
-@triton.jit(do_not_specialize=["field_stride"])
+@triton.jit(do_not_specialize=["field_stride", "seed_hi", "seed_lo"])
 def _partial_kernel(
     logits_ptr, part_ptr, part_idx_ptr, group_ptr,
     vocab, cols_per_split, field_stride,
     stride_outer, stride_inner, inner_size,
-    c, t_ratio,
+    c, t_ratio, seed_hi, seed_lo,
+    targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+    top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
     TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, TEMPERED: tl.constexpr,
     BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr, VEC: tl.constexpr,
+    FUSED: tl.constexpr, HAS_TARGETS: tl.constexpr, STORE_LSE: tl.constexpr, N_TILES: tl.constexpr,
 ):
     """Partial state of columns [split * cols_per_split, +cols_per_split) of one row.
 
@@ -162,11 +167,12 @@ def _partial_kernel(
     mc_all = tl.where(m_all == neg_inf, 0.0, m_all * c)
     shift = mc - mc_all
     w = tl.where(m == neg_inf, 0.0, tl.exp2(shift))
-    entry = row64 * tl.num_programs(1) + split
-    tl.store(part_ptr + entry, m_all)
-    tl.store(part_ptr + field_stride + entry, tl.sum(w * d, axis=0))
+    d_all = tl.sum(w * d, axis=0)
+    t_all = d_all  # a placeholder where a flag leaves a field out
     if ENTROPY:
-        tl.store(part_ptr + 2 * field_stride + entry, tl.sum(tl.where(w > 0, w * (t + shift * d), 0.0), axis=0))
+        t_all = tl.sum(tl.where(w > 0, w * (t + shift * d), 0.0), axis=0)
+    runner_up = m_all
+    top1_col = col_start
     if TOP2:
         # the first column of the max: in each slot holding it, the first of the tile that raised the
         # slot's max last (reread: VEC columns of the one or few slots that hold it)
@@ -177,25 +183,33 @@ def _partial_kernel(
         m_col = tl.min(tl.min(tl.where(reread & (x == m_all), cols, col_end), axis=1), axis=0)
         first_lane = tl.min(tl.min(tl.where(top1 == m_all, lanes, BLOCK_V), axis=1), axis=0)  # m once
         runner_up = tl.max(tl.max(tl.where(lanes == first_lane, neg_inf, top1), axis=1), axis=0)  # other lanes
-        tl.store(part_ptr + 3 * field_stride + entry, runner_up)
-        tl.store(part_idx_ptr + entry, tl.where(m_col == col_end, col_start, m_col))
+        top1_col = tl.where(m_col == col_end, col_start, m_col)
+    group_sums = d_all
     if SAMPLE:
         if TEMPERED:
             scaled = tl.where(m == neg_inf, 0.0, tl.exp2(shift * t_ratio)) * dt
         else:
             scaled = w * d
         group_sums = tl.sum(tl.reshape(scaled, (GROUPS, SLOTS // GROUPS)), axis=1)
-        tl.store(group_ptr + entry * GROUPS + tl.arange(0, GROUPS), group_sums)
+    _finish_program(
+        row_ptr, row64, split, m_all, d_all, t_all, runner_up, top1_col, group_sums,
+        part_ptr, part_idx_ptr, group_ptr, field_stride, vocab, c, t_ratio, seed_hi, seed_lo,
+        targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+        top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+        TOP2, ENTROPY, SAMPLE, FUSED, HAS_TARGETS, STORE_LSE, BLOCK_V, GROUPS, N_TILES)
 
 
-@triton.jit(do_not_specialize=["field_stride"])
+@triton.jit(do_not_specialize=["field_stride", "seed_hi", "seed_lo"])
 def _partial_kernel_lanes(
     logits_ptr, part_ptr, part_idx_ptr, group_ptr,
     vocab, cols_per_split, field_stride,
     stride_outer, stride_inner, inner_size,
-    c, t_ratio,
+    c, t_ratio, seed_hi, seed_lo,
+    targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+    top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
     TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, TEMPERED: tl.constexpr,
     BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
+    FUSED: tl.constexpr, HAS_TARGETS: tl.constexpr, STORE_LSE: tl.constexpr, N_TILES: tl.constexpr,
 ):
     """_partial_kernel for rows Triton cannot prove 16-byte aligned (a thread's columns are then not
     contiguous, and slots of several columns would need cross-thread reductions): one running max for
@@ -241,22 +255,26 @@ def _partial_kernel_lanes(
             if TEMPERED:
                 dt += tl.exp2(y * t_ratio)
 
-    entry = row64 * tl.num_programs(1) + split
-    tl.store(part_ptr + entry, m)
-    tl.store(part_ptr + field_stride + entry, tl.sum(d, axis=0))
+    d_all = tl.sum(d, axis=0)
+    t_all = d_all  # a placeholder where a flag leaves a field out
     if ENTROPY:
-        tl.store(part_ptr + 2 * field_stride + entry, tl.sum(t, axis=0))
+        t_all = tl.sum(t, axis=0)
+    runner_up = m
     if TOP2:
         first_lane = tl.min(tl.where(top1 == m, lanes, BLOCK_V), axis=0)  # m once; a tie elsewhere is top2
         runner_up = tl.max(tl.where(lanes == first_lane, float("-inf"), top1), axis=0)  # the other lanes' best
-        tl.store(part_ptr + 3 * field_stride + entry, runner_up)
-        tl.store(part_idx_ptr + entry, m_col)
+    group_sums = d_all
     if SAMPLE:
         if TEMPERED:
             group_sums = tl.sum(tl.reshape(dt, (GROUPS, BLOCK_V // GROUPS)), axis=1)
         else:
             group_sums = tl.sum(tl.reshape(d, (GROUPS, BLOCK_V // GROUPS)), axis=1)
-        tl.store(group_ptr + entry * GROUPS + tl.arange(0, GROUPS), group_sums)
+    _finish_program(
+        row_ptr, row64, split, m, d_all, t_all, runner_up, m_col, group_sums,
+        part_ptr, part_idx_ptr, group_ptr, field_stride, vocab, c, t_ratio, seed_hi, seed_lo,
+        targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+        top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+        TOP2, ENTROPY, SAMPLE, FUSED, HAS_TARGETS, STORE_LSE, BLOCK_V, GROUPS, N_TILES)
 
 
 @triton.jit
@@ -273,8 +291,8 @@ def _uniforms_open(seed_hi, seed_lo, row64):
 
 
 @triton.jit
-def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
-            BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
+def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
+            BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
     """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
 
     A lane group is drawn with one uniform from the programs' group sums, then a column of that group
@@ -282,18 +300,14 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
     the column depends on the launch layout only through the group: the group sums' rounding differs
     between split counts and kernels, and moves a draw only when the first uniform falls within that
     rounding of one of the GROUPS - 1 group boundaries (a single draw over the row would move with any
-    of its V column boundaries). part_ptr: the programs' maxima m; mc_max: the row's max times c.
-    fallback: the column to return if rounding leaves the chosen group's rescanned terms all 0 (never
-    seen; it keeps every read in the row).
+    of its V column boundaries). m_j [BLOCK_S]: the programs' maxima (-inf for none); sums_j
+    [BLOCK_S, GROUPS]: their group sums; mc_max: the row's max times c. fallback: the column to return
+    if rounding leaves the chosen group's rescanned terms all 0 (never seen; it keeps every read in the
+    row).
     """
-    j = tl.arange(0, BLOCK_S)
-    valid = j < n_splits
-    entry = row64 * n_splits + j
-    m_j = tl.load(part_ptr + entry, mask=valid, other=float("-inf"))
     w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2((m_j * c - mc_max) * t_ratio))  # each program's scale
+    group_sum = tl.sum(sums_j * w_j[:, None], axis=0)  # [GROUPS]
     g = tl.arange(0, GROUPS)
-    sums = tl.load(group_ptr + entry[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
-    group_sum = tl.sum(sums * w_j[:, None], axis=0)  # [GROUPS]
 
     u_group, u_column = _uniforms_open(seed_hi, seed_lo, row64)
     target = u_group * tl.sum(group_sum, axis=0)
@@ -315,28 +329,23 @@ def _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc_max, vocab, c, t_r
     return tl.where(col < 0, fallback, col)
 
 
-@triton.jit(do_not_specialize=["field_stride", "seed_hi", "seed_lo"])
-def _merge_kernel(
-    part_ptr, part_idx_ptr, group_ptr, field_stride, n_splits,
-    logits_ptr, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, seed_hi, seed_lo,
+@triton.jit
+def _write_row(
+    row_ptr, row64, j, valid, m_j, d_j, t_j, top2_j, col_j, sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
     targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
     top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
-    TOP2: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr,
+    TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    STORE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr,
+    N_TILES: tl.constexpr,
 ):
-    """Merge a row's partial states and write its outputs (statistics of softmax(x * c / log2(e))).
+    """Merge a row's program states and write its outputs (statistics of softmax(x * c / log2(e))).
 
-    Everything is computed in the programs' units y = x * c - m * c, so the rounding of m * c,
-    common to a program's terms, cancels.
+    The states are vectors over j = arange(BLOCK_S), valid marking the row's programs (the others hold
+    m -inf, d, t and the sums 0, column 0): m_j, d_j, t_j, top2_j (each program's runner-up), col_j
+    (the first column of its max) and sums_j [BLOCK_S, GROUPS] (its lane-group sums, for SAMPLE).
+    Everything is computed in the programs' units y = x * c - m * c, so the rounding of m * c, common
+    to a program's terms, cancels.
     """
-    row64 = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_S)
-    valid = j < n_splits
-    entry = row64 * n_splits + j
-    m_j = tl.load(part_ptr + entry, mask=valid, other=float("-inf"))
-    d_j = tl.load(part_ptr + field_stride + entry, mask=valid, other=0.0)
-
     m = tl.max(m_j, axis=0)
     mc = tl.where(m == float("-inf"), 0.0, m * c)
     shift_j = m_j * c - mc
@@ -345,10 +354,8 @@ def _merge_kernel(
     invalid = ~(d >= 0.5)  # NaN: a NaN or +inf logit; 0: only -inf (the max term alone gives ~1)
     log2_d = tl.log2(d)
     nan = float("nan")
-    row_ptr = _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size)
 
-    if STORE_ENTROPY:
-        t_j = tl.load(part_ptr + 2 * field_stride + entry, mask=valid, other=0.0)
+    if ENTROPY:
         t = tl.sum(tl.where(w_j > 0, w_j * (t_j + shift_j * d_j), 0.0), axis=0)
         tl.store(entropy_ptr + row64, tl.where(invalid, nan, LN2 * (log2_d - t / d)))
     if STORE_LSE:
@@ -361,8 +368,7 @@ def _merge_kernel(
         tl.store(target_logprob_ptr + row64, tl.where(ignored, 0.0, logprob))
     if TOP2:
         j_top = tl.min(tl.where(valid & (m_j == m), j, BLOCK_S), axis=0)
-        top1_col = tl.sum(tl.where(j == j_top, tl.load(part_idx_ptr + entry, mask=valid, other=0), 0), axis=0)
-        top2_j = tl.load(part_ptr + 3 * field_stride + entry, mask=valid, other=float("-inf"))
+        top1_col = tl.sum(tl.where(j == j_top, col_j, 0), axis=0)
         top2 = tl.maximum(tl.max(top2_j, axis=0), tl.max(tl.where(j == j_top, float("-inf"), m_j), axis=0))
         # the argmax's own lane: the columns congruent to it modulo BLOCK_V (splits start at multiples of it)
         same_lane = top1_col % BLOCK_V + tl.arange(0, N_TILES) * BLOCK_V
@@ -375,14 +381,93 @@ def _merge_kernel(
         tl.store(margin_ptr + row64, tl.where(invalid, nan, (e_top1 - tl.exp2(tl.fma(top2, c, -mc))) / d))
         tl.store(argmax_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
         if SAMPLE:
-            col = _sample(row_ptr, row64, group_ptr, part_ptr, n_splits, mc, vocab, c, t_ratio, seed_hi, seed_lo,
-                          top1_col, BLOCK_S, BLOCK_V, GROUPS, N_TILES)
+            col = _sample(row_ptr, row64, m_j, sums_j, mc, vocab, c, t_ratio, seed_hi, seed_lo, top1_col,
+                          BLOCK_V, GROUPS, N_TILES)
             x_s = tl.load(row_ptr + tl.where(invalid, 0, col)).to(tl.float32)
             tl.store(sampled_ptr + row64, tl.where(invalid, -1, col).to(tl.int64))
             tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, tl.exp2(tl.fma(x_s, c, -mc)) / d))
         else:
             tl.store(sampled_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
             tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
+
+
+@triton.jit
+def _finish_program(
+    row_ptr, row64, split, m, d, t, top2, top1_col, group_sums,
+    part_ptr, part_idx_ptr, group_ptr, field_stride, vocab, c, t_ratio, seed_hi, seed_lo,
+    targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+    top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+    TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, FUSED: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr,
+    N_TILES: tl.constexpr,
+):
+    """The end of a vocabulary pass: with FUSED (one program covers the row) write the row's outputs as
+    the merge kernel would from this one state (the same code on the same values: bit-identical);
+    otherwise store the state for the merge, at entry = row * num_splits + split: the fields of
+    _FLOAT_FIELDS at part_ptr + k * field_stride + entry, top1_col at part_idx_ptr + entry, and with
+    SAMPLE the GROUPS group sums at group_ptr + entry * GROUPS."""
+    if FUSED:  # a merge of one state and one empty slot, as the merge kernel sees a row of one split
+        j = tl.arange(0, 2)
+        first = j == 0
+        neg_inf = float("-inf")
+        d_j = tl.where(first, d, 0.0)
+        sums_j = d_j  # a placeholder without SAMPLE
+        if SAMPLE:
+            sums_j = tl.where(first[:, None], group_sums[None, :], 0.0)
+        _write_row(
+            row_ptr, row64, j, first, tl.where(first, m, neg_inf), d_j, tl.where(first, t, 0.0),
+            tl.where(first, top2, neg_inf), tl.where(first, top1_col, 0), sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
+            targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+            top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+            TOP2, ENTROPY, SAMPLE, HAS_TARGETS, STORE_LSE, 2, BLOCK_V, GROUPS, N_TILES)
+    else:
+        entry = row64 * tl.num_programs(1) + split
+        tl.store(part_ptr + entry, m)
+        tl.store(part_ptr + field_stride + entry, d)
+        if ENTROPY:
+            tl.store(part_ptr + 2 * field_stride + entry, t)
+        if TOP2:
+            tl.store(part_ptr + 3 * field_stride + entry, top2)
+            tl.store(part_idx_ptr + entry, top1_col)
+        if SAMPLE:
+            tl.store(group_ptr + entry * GROUPS + tl.arange(0, GROUPS), group_sums)
+
+
+@triton.jit(do_not_specialize=["field_stride", "seed_hi", "seed_lo"])
+def _merge_kernel(
+    part_ptr, part_idx_ptr, group_ptr, field_stride, n_splits,
+    logits_ptr, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, seed_hi, seed_lo,
+    targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+    top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+    TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    STORE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, GROUPS: tl.constexpr,
+    N_TILES: tl.constexpr,
+):
+    """Merge the partial states of a row's n_splits programs and write its outputs (_write_row)."""
+    row64 = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_S)
+    valid = j < n_splits
+    entry = row64 * n_splits + j
+    m_j = tl.load(part_ptr + entry, mask=valid, other=float("-inf"))
+    d_j = tl.load(part_ptr + field_stride + entry, mask=valid, other=0.0)
+    t_j = d_j  # placeholders where a flag leaves a field out
+    top2_j = m_j
+    col_j = j
+    sums_j = d_j
+    if ENTROPY:
+        t_j = tl.load(part_ptr + 2 * field_stride + entry, mask=valid, other=0.0)
+    if TOP2:
+        top2_j = tl.load(part_ptr + 3 * field_stride + entry, mask=valid, other=float("-inf"))
+        col_j = tl.load(part_idx_ptr + entry, mask=valid, other=0)
+    if SAMPLE:
+        g = tl.arange(0, GROUPS)
+        sums_j = tl.load(group_ptr + entry[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
+    _write_row(
+        _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size), row64, j, valid,
+        m_j, d_j, t_j, top2_j, col_j, sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
+        targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
+        top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
+        TOP2, ENTROPY, SAMPLE, HAS_TARGETS, STORE_LSE, BLOCK_S, BLOCK_V, GROUPS, N_TILES)
 
 
 def _rows_aligned(logits: torch.Tensor, stride_outer: int, stride_inner: int, inner_size: int) -> bool:
@@ -396,19 +481,23 @@ _PROGRAMS_PER_SM: dict[tuple, int] = {}
 
 def _partial_programs_per_sm(kernel, logits, vocab, stride_outer, stride_inner, inner_size, flags,
                              num_warps) -> int:
-    """How many programs of the vocabulary pass one SM holds, from the registers of the very specialisation
-    the launch will use (compiled here if it is new, without running it); cached per specialisation."""
+    """How many programs of the vocabulary pass one SM holds, from the registers of the specialisation a
+    split row launches (compiled here if it is new, without running it); cached per specialisation."""
     key = (kernel.fn.__name__, logits.device, logits.dtype, logits.data_ptr() % 16, vocab % 16, stride_outer % 16,
            stride_inner % 16, inner_size == 1, tuple(flags.items()), num_warps)
     if key not in _PROGRAMS_PER_SM:
         f32 = torch.empty(1, dtype=torch.float32, device=logits.device)
+        i32 = torch.empty(1, dtype=torch.int32, device=logits.device)
         compiled = kernel.warmup(
-            logits, f32, torch.empty(1, dtype=torch.int32, device=logits.device), f32,
-            vocab, flags["BLOCK_V"], 1, stride_outer, stride_inner, inner_size, 1.0, 1.0,
-            **flags, num_warps=num_warps, grid=(1,))
+            logits, f32, i32, f32, vocab, flags["BLOCK_V"], 1, stride_outer, stride_inner, inner_size, 1.0, 1.0, 0, 0,
+            i32, *[f32] * 8, **flags, **_SPLIT, num_warps=num_warps, grid=(1,))
         # no compiled kernel under the interpreter: its programs run one at a time anyway
         _PROGRAMS_PER_SM[key] = 8 if compiled is None else programs_per_sm(compiled, num_warps, logits.device)
     return _PROGRAMS_PER_SM[key]
+
+
+# the vocabulary pass of a split row stores its state for the merge kernel; the output flags are unused
+_SPLIT = dict(FUSED=False, HAS_TARGETS=False, STORE_LSE=False, N_TILES=1)
 
 
 def softmax_row_stats(
@@ -426,8 +515,9 @@ def softmax_row_stats(
     num_warps: int | None = None,
     prefetch: bool = True,
     lanes: bool = False,
+    fuse_merge: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Launch the two kernels on logits [..., V]; returns the requested outputs, each of shape [N].
+    """Launch the kernels on logits [..., V]; returns the requested outputs, each of shape [N].
 
     scale multiplies the logits before the softmax (1 / temperature for log-probs). With top2,
     returns top1_prob, margin, argmax, sampled and sampled_prob; sampling is an inverse-CDF draw
@@ -437,7 +527,9 @@ def softmax_row_stats(
     where the group sums' rounding moves it across a lane-group boundary (see _sample). block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
     this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too
-    (float32 rows sampled at temperature != 1 always are), for tests and tuning.
+    (float32 rows sampled at temperature != 1 always are), for tests and tuning. When one program
+    covers each row, the vocabulary pass writes the outputs itself (bit-identical to the merge
+    kernel's); fuse_merge=False launches the merge kernel anyway (tests and timing).
     """
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
@@ -467,30 +559,32 @@ def softmax_row_stats(
     if n_rows == 0:
         return out
 
+    fused = fuse_merge and n_splits == 1
     field_stride = n_rows * n_splits
-    part = torch.empty(len(_FLOAT_FIELDS) * field_stride, dtype=torch.float32, device=device)
-    part_idx = torch.empty(field_stride, dtype=torch.int32, device=device)
-    group = torch.empty(field_stride * groups if sample else 1, dtype=torch.float32, device=device)
+    part = torch.empty(1 if fused else len(_FLOAT_FIELDS) * field_stride, dtype=torch.float32, device=device)
+    part_idx = torch.empty(1 if fused else field_stride, dtype=torch.int32, device=device)
+    group = torch.empty(field_stride * groups if sample and not fused else 1, dtype=torch.float32, device=device)
     c = float(scale) * LOG2E
     t_ratio = 1.0 / temperature if sample else 1.0
+    seed_hi, seed_lo = (seed >> 31) & 0x7FFFFFFF, seed & 0x7FFFFFFF
+    dummy = part  # pointer for outputs a flag switches off; never read or written
+    outputs = (targets.reshape(-1).contiguous() if targets is not None else part_idx,
+               *[out.get(name, dummy) for name in ("entropy", "lse", "target_logprob", "top1_prob", "margin",
+                                                   "argmax", "sampled", "sampled_prob")])
+    row_flags = dict(HAS_TARGETS=targets is not None, STORE_LSE=lse,
+                     N_TILES=triton.next_power_of_2(triton.cdiv(vocab, block_v)))
     partial[(n_rows, n_splits)](
         logits, part, part_idx, group,
         vocab, cols_per_split, field_stride,
         stride_outer, stride_inner, inner_size,
-        c, t_ratio, **flags, num_warps=num_warps,
+        c, t_ratio, seed_hi, seed_lo, *outputs,
+        **flags, **(dict(FUSED=True, **row_flags) if fused else _SPLIT), num_warps=num_warps,
     )
-    dummy = part  # pointer for outputs a flag switches off; never read or written
-    _merge_kernel[(n_rows,)](
-        part, part_idx, group, field_stride, n_splits,
-        logits, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, (seed >> 31) & 0x7FFFFFFF,
-        seed & 0x7FFFFFFF,
-        targets.reshape(-1).contiguous() if targets is not None else part_idx,
-        out.get("entropy", dummy), out.get("lse", dummy), out.get("target_logprob", dummy),
-        out.get("top1_prob", dummy), out.get("margin", dummy),
-        out.get("argmax", dummy), out.get("sampled", dummy), out.get("sampled_prob", dummy),
-        TOP2=top2, SAMPLE=sample, HAS_TARGETS=targets is not None,
-        STORE_ENTROPY=entropy, STORE_LSE=lse, BLOCK_S=max(triton.next_power_of_2(n_splits), 2),
-        BLOCK_V=block_v, GROUPS=groups, N_TILES=triton.next_power_of_2(triton.cdiv(vocab, block_v)),
-        num_warps=4 if sample else 1,
-    )
+    if not fused:
+        _merge_kernel[(n_rows,)](
+            part, part_idx, group, field_stride, n_splits,
+            logits, stride_outer, stride_inner, inner_size, vocab, c, t_ratio, seed_hi, seed_lo, *outputs,
+            TOP2=top2, ENTROPY=entropy, SAMPLE=sample, BLOCK_S=max(triton.next_power_of_2(n_splits), 2),
+            BLOCK_V=block_v, GROUPS=groups, **row_flags, num_warps=4 if sample else 1,
+        )
     return out

@@ -253,10 +253,49 @@ def test_sampled_column_depends_on_the_group_sums_only_through_the_group(gen, mo
                 return merge[grid](part, part_idx, scaled, *args, **kwargs)
             return launch
 
-    exact = softmax_row_stats(logits, temperature=temperature, seed=11, block_v=1024)
+    exact = softmax_row_stats(logits, temperature=temperature, seed=11, block_v=1024, fuse_merge=False)
     monkeypatch.setattr(module, "_merge_kernel", PerturbedMerge())
-    perturbed = softmax_row_stats(logits, temperature=temperature, seed=11, block_v=1024)
+    perturbed = softmax_row_stats(logits, temperature=temperature, seed=11, block_v=1024, fuse_merge=False)
     assert_same_draw_within_groups(exact["sampled"], perturbed["sampled"], 1024, max_moved=8)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_one_program_per_row_writes_what_the_merge_kernel_writes(gen, monkeypatch, aligned):
+    """When one program covers each row (the default from one wave of rows on), the vocabulary pass
+    writes the outputs itself: bit for bit those of the merge kernel launched after it, for every
+    output flag, both kernels and dtypes; the merge kernel runs only for split rows."""
+    from atpo_fast.kernels import token_stats as module
+
+    merges = []
+    merge = module._merge_kernel
+
+    class CountedMerge:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge[grid]
+
+    monkeypatch.setattr(module, "_merge_kernel", CountedMerge())
+    vocab = 1000
+    rows = mixed_rows(vocab, gen)
+    targets = torch.randint(0, vocab, rows.shape[:-1], generator=gen).to(DEVICE)
+    targets[2] = -100
+    cases = [dict(), dict(temperature=1.0, seed=5), dict(temperature=0.7, seed=5, scale=1.3),
+             dict(targets=targets, top2=False, entropy=False, lse=True, scale=0.5),
+             dict(targets=targets, top2=False, entropy=True, lse=True), dict(targets=targets, temperature=1.0)]
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = laid_out(rows.to(dtype).to(DEVICE), aligned)
+        for kwargs in cases:
+            fused = softmax_row_stats(logits, block_v=128, num_splits=1, **kwargs)
+            assert not merges
+            unfused = softmax_row_stats(logits, block_v=128, num_splits=1, fuse_merge=False, **kwargs)
+            assert len(merges) == 1
+            merges.clear()
+            assert fused.keys() == unfused.keys()
+            for name in fused:
+                torch.testing.assert_close(fused[name], unfused[name], rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{name}, {dtype}, {kwargs}")
+    softmax_row_stats(logits, block_v=128, num_splits=2)
+    assert len(merges) == 1
 
 
 @pytest.mark.parametrize("aligned", [True, False])
