@@ -11,12 +11,13 @@ a real launch (argument types, divisibility by 16, integers equal to 1) and comp
 `triton.compile` for sm_90 and sm_80. The cubin's resource usage comes from cuobjdump and its SASS
 from nvdisasm, both shipped in Triton's wheel.
 
-Per specialisation: registers, spill bytes, shared memory, and for the vocabulary loop (the
-innermost loop that loads from global memory; the whole kernel when it has none): SASS
-instructions per element (thread-instructions in one pass of the loop body over the elements a
-thread handles in it: BLOCK_V * BLOCK_R / threads) on the steady path, which leaves out the blocks
-that forward conditional branches skip (a running max that grew, the row's last tile), and over the
-whole body (static); barriers per pass, and the widest global load.
+Per specialisation: registers, spill bytes, shared memory, and for the vocabulary loop (the first
+innermost loop that loads from global memory: the whole tiles, not the row's last partial one):
+SASS instructions per element (thread-instructions in one pass of the loop body over the elements
+a thread loads in it: BLOCK_V / threads per tile, times the tiles the compiler unrolled into one
+pass) on the steady path, which leaves out the blocks that forward conditional branches skip (a
+running max that grew), and over the whole body (static); barriers per tile, and the widest
+global load.
 An H100 keeps up with its memory below ~22 instructions per bf16 element (~15 on an H200).
 """
 
@@ -54,6 +55,7 @@ VOCABS = (126464, 152064, 50257)  # LLaDA, Dream/Qwen2, an unaligned one (GPT-2)
 ROWS = (1, 64, 4096, 16384)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARCHS = (90, 80)
+NO_VOCABULARY_LOOP = {"_merge_kernel"}  # its loops rescan one lane group of a row, a few columns per thread
 
 
 @dataclass
@@ -148,10 +150,11 @@ def sass_lines(cubin: bytes) -> list[tuple[str, str]]:
 
 
 def main_loop(lines: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """The innermost loop that loads from global memory: (body, steady); empty lists if there is none.
+    """The vocabulary loop: (body, steady); empty lists if there is none.
 
-    A loop is a branch back to an earlier label; among loops with a global load, the shortest body
-    wins. `steady` leaves out the blocks a forward conditional branch inside the body skips (the
+    A loop is a branch back to an earlier label; the vocabulary loop is the first innermost one (no
+    other loop inside it) with a global load (a pass that samples rescans one lane group in loops
+    after it). `steady` leaves out the blocks a forward conditional branch inside the body skips (the
     rare paths: a running max that grew, the row's last tile), so it is what a typical tile runs.
     """
     labels = {label: i for i, (label, _) in enumerate(lines) if label}
@@ -162,9 +165,12 @@ def main_loop(lines: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
             start = labels[match.group(1)]
             if any(re.search(r"\bLDG\b", text) for _, text in lines[start:i + 1]):
                 loops.append((start, i))
-    if not loops:
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= inner < end and (inner, inner_end) != (start, end) and inner_end <= end
+                            for inner, inner_end in loops)]
+    if not innermost:
         return [], []
-    start, end = min(loops, key=lambda se: se[1] - se[0])
+    start, end = min(innermost)
     body = [text for _, text in lines[start:end + 1]]
     steady, skip_to = [], None
     for k in range(start, end + 1):
@@ -203,17 +209,21 @@ def analyze(launch: Launch, arch: int) -> dict:
         return row
     meta = compiled.metadata
     cubin = compiled.asm["cubin"]
-    body, steady = main_loop(sass_lines(cubin))
-    per_thread = max(constexprs.get("BLOCK_V", 1) * constexprs.get("BLOCK_R", 1) / (32 * meta.num_warps), 1)
+    body, steady = main_loop(sass_lines(cubin)) if name not in NO_VOCABULARY_LOOP else ([], [])
     row.update(status="ok", **resource_usage(cubin), shared_bytes=meta.shared, num_warps=meta.num_warps,
                flags=" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
                               if k != "BLOCK_V"))
-    if body:  # a vocabulary loop (a merge of per-row states has none)
-        loads = [_opcode(t) for t in body if _opcode(t).startswith("LDG")]
-        row.update(BLOCK_V=constexprs.get("BLOCK_V", ""), instructions_per_element=len(steady) / per_thread,
-                   static_per_element=len(body) / per_thread,
-                   barriers_per_tile=sum(_opcode(t).startswith("BAR") for t in steady),
-                   load_bits=max(map(load_bits, loads)))
+    if body:
+        loads = [load_bits(_opcode(t)) for t in body if _opcode(t).startswith("LDG")]
+        tile_elements = max(constexprs["BLOCK_V"] / (32 * meta.num_warps), 1)  # a thread's share of one tile
+        # the logits (every vocabulary kernel's first argument) a thread loads in one pass: one tile, or the
+        # tiles the compiler unrolled into it
+        tiles = max(1, round(sum(loads) / (tile_elements * launch.args[0].element_size() * 8)))
+        per_thread = tile_elements * tiles
+        row.update(BLOCK_V=constexprs["BLOCK_V"], tiles_per_pass=tiles,
+                   instructions_per_element=len(steady) / per_thread, static_per_element=len(body) / per_thread,
+                   barriers_per_tile=sum(_opcode(t).startswith("BAR") for t in steady) / tiles,
+                   load_bits=max(loads))
     return row
 
 
@@ -258,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 COLUMNS = ["kernel", "arch", "status", "flags", "num_warps", "BLOCK_V", "registers", "stack_bytes", "local_bytes",
-           "shared_bytes", "instructions_per_element", "static_per_element", "barriers_per_tile", "load_bits",
+           "shared_bytes", "tiles_per_pass", "instructions_per_element", "static_per_element", "barriers_per_tile",
+           "load_bits",
            "calls", "error"]
 
 
@@ -282,10 +293,12 @@ def main(argv=None) -> int:
 
 
 NOTES = ("Every specialisation the public ops launched for the shapes in benchmarks/sass.py, compiled for "
-         "sm_90 and sm_80 without a GPU. instructions_per_element: SASS thread-instructions of the vocabulary "
-         "loop's body divided by the elements one thread handles per pass (BLOCK_V / threads); an H100 keeps "
-         "up with its memory below ~22 per bf16 element (~15 on an H200). barriers_per_tile: BAR instructions "
-         "in that body. load_bits: the widest global load in it (128 = 16-byte vector loads).")
+         "sm_90 and sm_80 without a GPU. The vocabulary loop: the first innermost loop with a global load (the "
+         "whole tiles). instructions_per_element: SASS thread-instructions of its body divided by the elements "
+         "one thread loads per pass (BLOCK_V / threads times tiles_per_pass, the tiles the compiler unrolled "
+         "into one pass); an H100 keeps up with its memory below ~22 per bf16 element (~15 on an H200). "
+         "barriers_per_tile: BAR instructions in that body per tile. load_bits: the widest global load in it "
+         "(128 = 16-byte vector loads). The merge kernel has no vocabulary loop.")
 
 
 if __name__ == "__main__":

@@ -315,16 +315,30 @@ def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, see
     group = tl.min(tl.where(cum > target, g, GROUPS), axis=0)
     group = tl.where(group == GROUPS, tl.max(tl.where(group_sum > 0, g, 0), axis=0), group)  # rounding
 
-    # the chosen group's lanes in every tile of the row, in column order
-    cols = (tl.arange(0, N_TILES)[:, None] * BLOCK_V + group * (BLOCK_V // GROUPS)
-            + tl.arange(0, BLOCK_V // GROUPS)[None, :])
-    cols = tl.reshape(cols, (N_TILES * (BLOCK_V // GROUPS),))
-    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-    e = tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
-    cum_e = tl.cumsum(e, axis=0)
-    hit = cum_e > u_column * tl.max(cum_e, axis=0)
-    col = tl.min(tl.where(hit, cols, 2147483647), axis=0)
-    last_positive = tl.max(tl.where(e > 0, cols, -1), axis=0)
+    # the chosen group's lanes in every tile of the row, in column order, RESCAN_TILES tiles at a time (a
+    # few columns per thread, so the registers of a pass that samples at its end stay those of its loop):
+    # their total, then the first column whose running sum passes u_column times it
+    WIDTH: tl.constexpr = BLOCK_V // GROUPS
+    RESCAN_TILES: tl.constexpr = N_TILES if N_TILES * WIDTH <= 512 else 512 // WIDTH
+    lanes = tl.reshape(tl.arange(0, RESCAN_TILES)[:, None] * BLOCK_V + tl.arange(0, WIDTH)[None, :],
+                       (RESCAN_TILES * WIDTH,)) + group * WIDTH
+    total = 0.0
+    for start in tl.range(0, N_TILES, RESCAN_TILES):
+        cols = start * BLOCK_V + lanes
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        total += tl.max(tl.cumsum(tl.exp2(tl.fma(x, c, -mc_max) * t_ratio), axis=0), axis=0)
+    threshold = u_column * total
+    col = 2147483647
+    last_positive = -1
+    carry = 0.0
+    for start in tl.range(0, N_TILES, RESCAN_TILES):
+        cols = start * BLOCK_V + lanes
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        e = tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
+        cum_e = carry + tl.cumsum(e, axis=0)
+        col = tl.minimum(col, tl.min(tl.where(cum_e > threshold, cols, 2147483647), axis=0))
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(e > 0, cols, -1), axis=0))
+        carry += tl.max(tl.cumsum(e, axis=0), axis=0)
     col = tl.where(col == 2147483647, last_positive, col)
     return tl.where(col < 0, fallback, col)
 
@@ -541,8 +555,9 @@ def softmax_row_stats(
                  BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
     partial = _partial_kernel_lanes
     vec = 16 // logits.element_size()  # a slot: one 16-byte load
-    # float32 slots hold 4 columns, too few to pay for the per-slot rescale of a tempered sample's sums
-    # (16.4 against 15.8 SASS instructions per element, Triton 3.6): those keep the kernel of lanes
+    # float32 slots hold 4 columns, too few to pay for the per-slot rescale of a tempered sample's sums: those
+    # keep the kernel of lanes (Triton 3.6, sm_90, the loop over whole tiles: 16.4-16.75 SASS instructions per
+    # element with slots, 16.4-16.6 with lanes; a GPU has not compared them)
     slots = not lanes and not (flags["TEMPERED"] and vec < 8)
     if slots and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
         partial, flags["VEC"] = _partial_kernel, vec

@@ -6,6 +6,7 @@ for Triton 3.6.0, the GPU machine's version, which `make install` puts in .cache
 run side by side (one process each).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -36,3 +37,23 @@ def test_every_kernel_compiles_for_sm90():
             f"Triton {version}:\n{out[-6000:]}\n{err[-3000:]}"
         if version == "3.6.0":
             assert summary[-1].startswith("triton 3.6.0:"), summary
+
+
+def test_report_reads_the_loop_of_whole_tiles():
+    """The compile report measures the first innermost loop with a global load (a pass's whole tiles),
+    not the shorter loop of the row's last partial tile after it, nor an outer loop around it. (In a
+    process of its own: benchmarks.sass restarts itself without the interpreter that tests run under.)"""
+    lines = [("", "MOV R1, R2"),
+             (".L_x_0", "IADD3 R4, R4, 0x1, RZ"),  # an outer loop around the whole tiles
+             (".L_x_1", "@!P0 LDG.E.128 R8, desc[UR4][R2.64+0x1000]"), ("", "FFMA R9, R9, R3, R4"),
+             ("", "MUFU.EX2 R9, R9"), ("", "FADD R5, R5, R9"), ("", "@P1 BRA `(.L_x_1)"),
+             ("", "@P2 BRA `(.L_x_0)"),
+             (".L_x_2", "@!P0 LDG.E.128 R8, desc[UR4][R2.64]"), ("", "FADD R5, R5, R8"),  # the partial tile
+             ("", "@P3 BRA `(.L_x_2)"), ("", "EXIT")]
+    code = ("import json, sys; from benchmarks.sass import main_loop; "
+            "print(json.dumps(main_loop([tuple(line) for line in json.load(sys.stdin)])))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(lines), capture_output=True, text=True,
+                         cwd=REPO, env=env, check=True).stdout
+    body, steady = json.loads(out.splitlines()[-1])
+    assert body[0].startswith("@!P0 LDG.E.128") and "0x1000" in body[0] and len(body) == 5 and steady == body

@@ -424,6 +424,27 @@ def test_sampling_distribution(backend):
 
 
 @pytest.mark.slow
+def test_sampling_distribution_across_rescan_chunks():
+    """The chosen lane group's columns are rescanned 512 at a time (32 tiles of 16 here): eight tokens,
+    four in each of two chunks, the rest -inf; 240 draws over 2 seeds follow their softmax, fused into
+    the vocabulary pass and by the merge kernel alike."""
+    z = torch.tensor([1.0, 0.5, 0.0, -0.5, 1.5, 0.2, -1.0, 0.8])
+    columns = torch.tensor([10, 150, 300, 480, 515, 520, 530, 543])
+    row = torch.full((544,), float("-inf"))
+    row[columns] = z
+    logits = row.expand(120, -1).contiguous().to(DEVICE)
+    counts = torch.zeros(8)
+    for seed in range(2):
+        out = softmax_row_stats(logits, temperature=1.0, seed=seed, block_v=16, num_splits=1, fuse_merge=seed == 0)
+        drawn = out["sampled"].cpu()
+        assert torch.isin(drawn, columns).all(), "a -inf logit was sampled"
+        counts += (drawn[:, None] == columns[None, :]).sum(0).float()
+    expected = torch.softmax(z.double(), 0) * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi2_critical(len(z) - 1), f"chi2 = {chi2:.1f}, counts {counts.tolist()}"
+
+
+@pytest.mark.slow
 def test_sampling_never_picks_a_negligible_token(backend, gen):
     """A rare event: a uniform that rounds to 1.0 made the Gumbel noise +inf and picked any column.
 
