@@ -291,7 +291,7 @@ def _uniforms_open(seed_hi, seed_lo, row64):
 
 
 @triton.jit
-def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
+def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
             BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
     """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
 
@@ -300,13 +300,10 @@ def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, see
     the column depends on the launch layout only through the group: the group sums' rounding differs
     between split counts and kernels, and moves a draw only when the first uniform falls within that
     rounding of one of the GROUPS - 1 group boundaries (a single draw over the row would move with any
-    of its V column boundaries). m_j [BLOCK_S]: the programs' maxima (-inf for none); sums_j
-    [BLOCK_S, GROUPS]: their group sums; mc_max: the row's max times c. fallback: the column to return
-    if rounding leaves the chosen group's rescanned terms all 0 (never seen; it keeps every read in the
-    row).
+    of its V column boundaries). group_sum [GROUPS]: the row's group sums (_row_group_sums); mc_max:
+    the row's max times c. fallback: the column to return if rounding leaves the chosen group's
+    rescanned terms all 0 (never seen; it keeps every read in the row).
     """
-    w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2((m_j * c - mc_max) * t_ratio))  # each program's scale
-    group_sum = tl.sum(sums_j * w_j[:, None], axis=0)  # [GROUPS]
     g = tl.arange(0, GROUPS)
 
     u_group, u_column = _uniforms_open(seed_hi, seed_lo, row64)
@@ -315,11 +312,13 @@ def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, see
     group = tl.min(tl.where(cum > target, g, GROUPS), axis=0)
     group = tl.where(group == GROUPS, tl.max(tl.where(group_sum > 0, g, 0), axis=0), group)  # rounding
 
-    # the chosen group's lanes in every tile of the row, in column order, RESCAN_TILES tiles at a time (a
-    # few columns per thread, so the registers of a pass that samples at its end stay those of its loop):
-    # their total, then the first column whose running sum passes u_column times it
+    # the chosen group's lanes in every tile of the row, in column order, 2 KiB of logits at a time (16 bytes
+    # per thread on 4 warps: one chunk at V = 126464 in bf16, and a pass that samples at its end keeps its
+    # loop's registers, where a whole group of 4096 float32 columns took 128): their total, then the first
+    # column whose running sum passes u_column times it
     WIDTH: tl.constexpr = BLOCK_V // GROUPS
-    RESCAN_TILES: tl.constexpr = N_TILES if N_TILES * WIDTH <= 512 else 512 // WIDTH
+    CHUNK: tl.constexpr = 16384 // row_ptr.dtype.element_ty.primitive_bitwidth  # columns
+    RESCAN_TILES: tl.constexpr = N_TILES if N_TILES * WIDTH <= CHUNK else CHUNK // WIDTH
     lanes = tl.reshape(tl.arange(0, RESCAN_TILES)[:, None] * BLOCK_V + tl.arange(0, WIDTH)[None, :],
                        (RESCAN_TILES * WIDTH,)) + group * WIDTH
     total = 0.0
@@ -344,8 +343,20 @@ def _sample(row_ptr, row64, m_j, sums_j, mc_max, vocab, c, t_ratio, seed_hi, see
 
 
 @triton.jit
+def _row_group_sums(m_j, sums_j, c, t_ratio):
+    """The row's lane-group sums [GROUPS] of 2^(y / temperature), y taken to the row's max, from its
+    programs' maxima m_j [BLOCK_S] (-inf for none) and group sums sums_j [BLOCK_S, GROUPS] (each taken
+    to its program's max). Reduced as soon as they are read: [BLOCK_S, GROUPS] values per row would
+    otherwise stay in registers through the other outputs."""
+    m = tl.max(m_j, axis=0)
+    mc = tl.where(m == float("-inf"), 0.0, m * c)
+    w_j = tl.where(m_j == float("-inf"), 0.0, tl.exp2((m_j * c - mc) * t_ratio))  # each program's scale
+    return tl.sum(sums_j * w_j[:, None], axis=0)
+
+
+@triton.jit
 def _write_row(
-    row_ptr, row64, j, valid, m_j, d_j, t_j, top2_j, col_j, sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
+    row_ptr, row64, j, valid, m_j, d_j, t_j, top2_j, col_j, group_sum, vocab, c, t_ratio, seed_hi, seed_lo,
     targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
     top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
     TOP2: tl.constexpr, ENTROPY: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr,
@@ -355,8 +366,8 @@ def _write_row(
     """Merge a row's program states and write its outputs (statistics of softmax(x * c / log2(e))).
 
     The states are vectors over j = arange(BLOCK_S), valid marking the row's programs (the others hold
-    m -inf, d, t and the sums 0, column 0): m_j, d_j, t_j, top2_j (each program's runner-up), col_j
-    (the first column of its max) and sums_j [BLOCK_S, GROUPS] (its lane-group sums, for SAMPLE).
+    m -inf, d and t 0, column 0): m_j, d_j, t_j, top2_j (each program's runner-up) and col_j (the
+    first column of its max); group_sum [GROUPS]: the row's lane-group sums (_row_group_sums, SAMPLE).
     Everything is computed in the programs' units y = x * c - m * c, so the rounding of m * c, common
     to a program's terms, cancels.
     """
@@ -395,7 +406,7 @@ def _write_row(
         tl.store(margin_ptr + row64, tl.where(invalid, nan, (e_top1 - tl.exp2(tl.fma(top2, c, -mc))) / d))
         tl.store(argmax_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
         if SAMPLE:
-            col = _sample(row_ptr, row64, m_j, sums_j, mc, vocab, c, t_ratio, seed_hi, seed_lo, top1_col,
+            col = _sample(row_ptr, row64, group_sum, mc, vocab, c, t_ratio, seed_hi, seed_lo, top1_col,
                           BLOCK_V, GROUPS, N_TILES)
             x_s = tl.load(row_ptr + tl.where(invalid, 0, col)).to(tl.float32)
             tl.store(sampled_ptr + row64, tl.where(invalid, -1, col).to(tl.int64))
@@ -424,13 +435,14 @@ def _finish_program(
         j = tl.arange(0, 2)
         first = j == 0
         neg_inf = float("-inf")
+        m_j = tl.where(first, m, neg_inf)
         d_j = tl.where(first, d, 0.0)
-        sums_j = d_j  # a placeholder without SAMPLE
+        group_sum = d  # a placeholder without SAMPLE
         if SAMPLE:
-            sums_j = tl.where(first[:, None], group_sums[None, :], 0.0)
+            group_sum = _row_group_sums(m_j, tl.where(first[:, None], group_sums[None, :], 0.0), c, t_ratio)
         _write_row(
-            row_ptr, row64, j, first, tl.where(first, m, neg_inf), d_j, tl.where(first, t, 0.0),
-            tl.where(first, top2, neg_inf), tl.where(first, top1_col, 0), sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
+            row_ptr, row64, j, first, m_j, d_j, tl.where(first, t, 0.0), tl.where(first, top2, neg_inf),
+            tl.where(first, top1_col, 0), group_sum, vocab, c, t_ratio, seed_hi, seed_lo,
             targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
             top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
             TOP2, ENTROPY, SAMPLE, HAS_TARGETS, STORE_LSE, 2, BLOCK_V, GROUPS, N_TILES)
@@ -467,7 +479,7 @@ def _merge_kernel(
     t_j = d_j  # placeholders where a flag leaves a field out
     top2_j = m_j
     col_j = j
-    sums_j = d_j
+    group_sum = d_j
     if ENTROPY:
         t_j = tl.load(part_ptr + 2 * field_stride + entry, mask=valid, other=0.0)
     if TOP2:
@@ -476,9 +488,10 @@ def _merge_kernel(
     if SAMPLE:
         g = tl.arange(0, GROUPS)
         sums_j = tl.load(group_ptr + entry[:, None] * GROUPS + g[None, :], mask=valid[:, None], other=0.0)
+        group_sum = _row_group_sums(m_j, sums_j, c, t_ratio)
     _write_row(
         _row_start(logits_ptr, row64, stride_outer, stride_inner, inner_size), row64, j, valid,
-        m_j, d_j, t_j, top2_j, col_j, sums_j, vocab, c, t_ratio, seed_hi, seed_lo,
+        m_j, d_j, t_j, top2_j, col_j, group_sum, vocab, c, t_ratio, seed_hi, seed_lo,
         targets_ptr, entropy_ptr, lse_ptr, target_logprob_ptr,
         top1_prob_ptr, margin_ptr, argmax_ptr, sampled_ptr, sampled_prob_ptr,
         TOP2, ENTROPY, SAMPLE, HAS_TARGETS, STORE_LSE, BLOCK_S, BLOCK_V, GROUPS, N_TILES)

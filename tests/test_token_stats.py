@@ -425,14 +425,14 @@ def test_sampling_distribution(backend):
 
 @pytest.mark.slow
 def test_sampling_distribution_across_rescan_chunks():
-    """The chosen lane group's columns are rescanned 512 at a time (32 tiles of 16 here): eight tokens,
-    four in each of two chunks, the rest -inf; 240 draws over 2 seeds follow their softmax, fused into
-    the vocabulary pass and by the merge kernel alike."""
+    """The chosen lane group's columns are rescanned 2 KiB at a time (512 float32 columns: 32 tiles of 16
+    here): eight tokens spread over three chunks, the rest -inf; 120 draws over 2 seeds follow their
+    softmax, fused into the vocabulary pass and by the merge kernel alike."""
     z = torch.tensor([1.0, 0.5, 0.0, -0.5, 1.5, 0.2, -1.0, 0.8])
-    columns = torch.tensor([10, 150, 300, 480, 515, 520, 530, 543])
-    row = torch.full((544,), float("-inf"))
+    columns = torch.tensor([10, 300, 600, 1000, 1025, 1030, 1034, 1039])
+    row = torch.full((1040,), float("-inf"))
     row[columns] = z
-    logits = row.expand(120, -1).contiguous().to(DEVICE)
+    logits = row.expand(60, -1).contiguous().to(DEVICE)
     counts = torch.zeros(8)
     for seed in range(2):
         out = softmax_row_stats(logits, temperature=1.0, seed=seed, block_v=16, num_splits=1, fuse_merge=seed == 0)
