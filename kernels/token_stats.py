@@ -291,6 +291,13 @@ def _uniforms_open(seed_hi, seed_lo, row64):
 
 
 @triton.jit
+def _terms(row_ptr, cols, vocab, c, mc_max, t_ratio):
+    """2^((x * c - mc_max) * t_ratio) at the columns cols of the row (0 past the vocabulary)."""
+    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    return tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
+
+
+@triton.jit
 def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
             BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
     """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
@@ -323,21 +330,18 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
                        (RESCAN_TILES * WIDTH,)) + group * WIDTH
     total = 0.0
     for start in tl.range(0, N_TILES, RESCAN_TILES):
-        cols = start * BLOCK_V + lanes
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        total += tl.max(tl.cumsum(tl.exp2(tl.fma(x, c, -mc_max) * t_ratio), axis=0), axis=0)
+        total += tl.max(tl.cumsum(_terms(row_ptr, start * BLOCK_V + lanes, vocab, c, mc_max, t_ratio), axis=0), axis=0)
     threshold = u_column * total
     col = 2147483647
     last_positive = -1
     carry = 0.0
     for start in tl.range(0, N_TILES, RESCAN_TILES):
         cols = start * BLOCK_V + lanes
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        e = tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
-        cum_e = carry + tl.cumsum(e, axis=0)
-        col = tl.minimum(col, tl.min(tl.where(cum_e > threshold, cols, 2147483647), axis=0))
+        e = _terms(row_ptr, cols, vocab, c, mc_max, t_ratio)
+        running = tl.cumsum(e, axis=0)  # the chunk's running sum; its last entry is what the total added
+        col = tl.minimum(col, tl.min(tl.where(carry + running > threshold, cols, 2147483647), axis=0))
         last_positive = tl.maximum(last_positive, tl.max(tl.where(e > 0, cols, -1), axis=0))
-        carry += tl.max(tl.cumsum(e, axis=0), axis=0)
+        carry += tl.max(running, axis=0)
     col = tl.where(col == 2147483647, last_positive, col)
     return tl.where(col < 0, fallback, col)
 
