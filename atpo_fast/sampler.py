@@ -199,45 +199,46 @@ def generate(
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     step = 0
-    for block in range(num_blocks):
-        window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
-        schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)
-        block_cache, cached_steps = None, 0  # the cache is made at the block's first step that runs
-        # which scheduled steps commit anything anywhere, read once per block (eos_fill can empty a block
-        # early, so then each step asks)
-        step_runs = None
-        if threshold is None and not eos_fill:
-            step_runs = _on_any_rank_each((schedule > 0).any(0), process_group)
-        invalid = torch.zeros((), dtype=torch.bool, device=device)
-        for i in range(block_length if threshold is not None else steps_per_block):
-            candidates = tokens[:, window] == model.mask_id
-            k = None
-            if threshold is None:
-                k = torch.minimum(schedule[:, i], candidates.sum(1))
-                runs = step_runs[i] if step_runs is not None else _on_any_rank(bool((k > 0).any()), device,
-                                                                               process_group)
-                if not runs:
-                    continue  # a step that would commit nothing anywhere is skipped, not recorded
-            elif not _on_any_rank(bool(candidates.any()), device, process_group):
-                break
-            step_seed = None if seed is None else (seed * 1_000_003 + step) % 2**62
-            if cache != "none" and (block_cache is None or cached_steps == cache_refresh):
-                block_cache, cached_steps = BlockCache(model, tokens, model_mask, window, cache), 0
-            cached_steps += 1
-            decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold, temperature=temperature,
-                                    remasking=remasking, seed=step_seed, generator=generator, backend=backend,
-                                    block_cache=block_cache)
-            commit = decision.commit & (decision.tokens >= 0)  # a NaN row's token (-1) never enters the sequence
-            invalid |= (commit != decision.commit).any()
-            tokens[:, window] = torch.where(commit, decision.tokens, tokens[:, window])
-            step_map[:, window] = torch.where(commit, step, step_map[:, window])
-            commit_logprob[:, window] = torch.where(commit, decision.logprob, commit_logprob[:, window])
-            filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill
-            if recorder is not None:
-                recorder.add(decision, candidates, filled, block)
-            step += 1
-        if bool(invalid):  # one check per block
-            raise RuntimeError("the model produced NaN or infinite logits")
+    with model.prepacked_head():  # the LM head's weight laid out once for the rollout (CPU)
+        for block in range(num_blocks):
+            window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
+            schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)
+            block_cache, cached_steps = None, 0  # the cache is made at the block's first step that runs
+            # which scheduled steps commit anything anywhere, read once per block (eos_fill can empty a block
+            # early, so then each step asks)
+            step_runs = None
+            if threshold is None and not eos_fill:
+                step_runs = _on_any_rank_each((schedule > 0).any(0), process_group)
+            invalid = torch.zeros((), dtype=torch.bool, device=device)
+            for i in range(block_length if threshold is not None else steps_per_block):
+                candidates = tokens[:, window] == model.mask_id
+                k = None
+                if threshold is None:
+                    k = torch.minimum(schedule[:, i], candidates.sum(1))
+                    runs = step_runs[i] if step_runs is not None else _on_any_rank(bool((k > 0).any()), device,
+                                                                                   process_group)
+                    if not runs:
+                        continue  # a step that would commit nothing anywhere is skipped, not recorded
+                elif not _on_any_rank(bool(candidates.any()), device, process_group):
+                    break
+                step_seed = None if seed is None else (seed * 1_000_003 + step) % 2**62
+                if cache != "none" and (block_cache is None or cached_steps == cache_refresh):
+                    block_cache, cached_steps = BlockCache(model, tokens, model_mask, window, cache), 0
+                cached_steps += 1
+                decision = denoise_step(model, tokens, model_mask, window, k, threshold=threshold,
+                                        temperature=temperature, remasking=remasking, seed=step_seed,
+                                        generator=generator, backend=backend, block_cache=block_cache)
+                commit = decision.commit & (decision.tokens >= 0)  # a NaN row's token (-1) never enters the sequence
+                invalid |= (commit != decision.commit).any()
+                tokens[:, window] = torch.where(commit, decision.tokens, tokens[:, window])
+                step_map[:, window] = torch.where(commit, step, step_map[:, window])
+                commit_logprob[:, window] = torch.where(commit, decision.logprob, commit_logprob[:, window])
+                filled = _fill_after_eos(tokens, step_map, prompt_len, model, step) if eos_fill else no_fill
+                if recorder is not None:
+                    recorder.add(decision, candidates, filled, block)
+                step += 1
+            if bool(invalid):  # one check per block
+                raise RuntimeError("the model produced NaN or infinite logits")
     trace = recorder.trace(batch, device) if recorder is not None else None
     return Rollout(tokens, step_map, trace, prompt_len, full_mask, commit_logprob)
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import standin_modeling
 from atpo_fast import generate
-from atpo_fast.models import CharTokenizer, TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
+from atpo_fast.models import CharTokenizer, TinyConfig, TinyDiffusionLM, base, load_hf_diffusion_lm
 
 SMALL = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48)
 
@@ -28,20 +28,63 @@ def test_tokenizer_round_trip():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_head_logits_in_vocabulary_slices(bias):
-    """On CPU the LM head runs in slices of the vocabulary: the same logits as one F.linear, with the
-    last slice partial (vocab 1000 in slices of 256 columns)."""
+def test_prepacked_head_gives_f_linear_logits(bias):
+    """Inside prepacked_head a CPU float32 head answers no-grad calls from a weight laid out once: F.linear's
+    logits within rounding (an odd vocabulary, odd row counts); with gradients, and after the block, F.linear's
+    own; a weight changed after the block is the one used; a small head is not laid out."""
     gen = torch.Generator().manual_seed(0)
+    vocab = 1 << 13 | 5  # 8197 x 32: at least MIN_PREPACKED_HEAD elements
     model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                       max_length=48, vocab_size=1000))
-    if bias:
-        model.head = torch.nn.Linear(32, 1000, bias=True)
-    hidden = torch.randn(7, 32, generator=gen)
+                                       max_length=48, vocab_size=vocab))
+    model.head = torch.nn.Linear(32, vocab, bias=bias)
+    assert model.head.weight.numel() >= base.MIN_PREPACKED_HEAD
+    with model.prepacked_head():
+        assert model._prepacked_head is not None
+        for rows in (1, 7, 66):
+            hidden = torch.randn(rows, 32, generator=gen)
+            want = torch.nn.functional.linear(hidden.double(), model.head.weight.double(),
+                                              None if model.head.bias is None else model.head.bias.double())
+            with torch.no_grad():
+                got = model.head_logits(hidden)
+            assert got.shape == (rows, vocab) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        hidden.requires_grad_(True)
+        with_grad = model.head_logits(hidden)
+        assert torch.equal(with_grad, torch.nn.functional.linear(hidden, model.head.weight, model.head.bias))
+    assert model._prepacked_head is None
     with torch.no_grad():
-        want = torch.nn.functional.linear(hidden, model.head.weight, model.head.bias)
-        got = model.head_logits(hidden, chunk_bytes=256 * 32 * 4)
-    assert got.shape == (7, 1000)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        model.head.weight.mul_(2)
+        assert torch.equal(model.head_logits(hidden), torch.nn.functional.linear(hidden, model.head.weight,
+                                                                                 model.head.bias))
+    small = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                       max_length=48))
+    with small.prepacked_head():
+        assert small._prepacked_head is None
+
+
+def test_generate_uses_the_prepacked_head(monkeypatch):
+    """generate() lays the LM head out once per rollout: every step's head call sees it, and the rollout
+    is the one F.linear gives (same greedy tokens, the trace within 1e-5)."""
+    torch.manual_seed(0)
+    model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                       max_length=48, vocab_size=1 << 13 | 5)).eval()
+    seen, head = [], model.head_logits
+
+    def spy(hidden):
+        seen.append(model._prepacked_head is not None)
+        return head(hidden)
+
+    model.head_logits = spy
+    prompt = torch.randint(4, 30, (3, 9))
+    kwargs = dict(gen_length=12, block_length=4, steps=6)
+    packed = generate(model, prompt, **kwargs)
+    assert seen == [True] * 6
+    monkeypatch.setattr(base, "MIN_PREPACKED_HEAD", 1 << 62)
+    plain = generate(model, prompt, **kwargs)
+    assert seen == [True] * 6 + [False] * 6
+    assert torch.equal(packed.tokens, plain.tokens)
+    for name in ("entropy", "margin", "surprisal"):
+        torch.testing.assert_close(getattr(packed.trace, name), getattr(plain.trace, name), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True])
