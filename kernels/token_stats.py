@@ -388,7 +388,8 @@ def _write_row(
         t = tl.sum(tl.where(w_j > 0, w_j * (t_j + shift_j * d_j), 0.0), axis=0)
         tl.store(entropy_ptr + row64, tl.where(invalid, nan, LN2 * (log2_d - t / d)))
     if STORE_LSE:
-        tl.store(lse_ptr + row64, tl.where(invalid, nan, LN2 * (mc + log2_d)))
+        empty = tl.where(d == 0.0, float("-inf"), nan)  # log 0 for a row of only -inf; NaN for NaN or +inf
+        tl.store(lse_ptr + row64, tl.where(invalid, empty, LN2 * (mc + log2_d)))
     if HAS_TARGETS:
         target = tl.load(targets_ptr + row64)
         ignored = target == IGNORE_INDEX
@@ -553,7 +554,9 @@ def softmax_row_stats(
     scale multiplies the logits before the softmax (1 / temperature for log-probs). With top2,
     returns top1_prob, margin, argmax, sampled and sampled_prob; sampling is an inverse-CDF draw
     from softmax(logits / temperature) when temperature > 0, the argmax otherwise. Targets equal
-    to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1.
+    to -100 give 0. Rows holding NaN or +inf, or only -inf, give NaN statistics and index -1, except
+    lse: -inf for a row of only -inf (fused_linear_logprobs merges the lse of vocabulary slices, where
+    such a row is valid), NaN for NaN or +inf.
     A seeded sample depends on block_v (the column order), and on num_splits and on the kernel only
     where the group sums' rounding moves it across a lane-group boundary (see _sample). block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing

@@ -242,6 +242,26 @@ def test_fused_linear_fp32(backend, gen, monkeypatch, vocab, bias, temperature, 
         assert_fp32_close(g, r, name)
 
 
+def test_fused_linear_minus_inf_slice(backend, gen, monkeypatch):
+    """A vocabulary slice whose logits are all -inf in every row (bias -inf over it) and a lone -inf
+    logit elsewhere: that tile's log-sum-exp is -inf, and the log-probs and gradients are float64's,
+    by both routes (trainable and frozen head). The Triton tile pass once gave such a tile NaN."""
+    monkeypatch.setattr(fll, "VOCAB_TILE", 16)
+    hidden, weight, bias, targets, weights = linear_problem(37, 19, 41, gen)
+    bias[16:32] = float("-inf")
+    bias[3] = float("-inf")
+    targets[((targets >= 16) & (targets < 32)) | (targets == 3)] = 0
+    got = run_fused(hidden, weight, bias, targets, weights, 0.8, device=DEVICE, chunk_bytes=4 * 16 * 5,
+                    backend=backend)
+    ref = reference_fused(hidden, weight, bias, targets, weights, 0.8)
+    for name, g, r in zip(("logprob", "hidden", "weight", "bias"), got, ref):
+        assert_fp32_close(g, r, name)
+    frozen = frozen_head_grads(hidden, weight, bias, targets, weights, 0.8, device=DEVICE, chunk_bytes=4 * 16 * 5,
+                               backend=backend)
+    assert_fp32_close(frozen[0], ref[0], "logprob, frozen head")
+    assert_fp32_close(frozen[1], ref[1], "hidden, frozen head")
+
+
 def test_fused_linear_real_vocab(gen):
     problem = linear_problem(3, 16, 126464, gen)
     got = run_fused(*problem, 1.0)

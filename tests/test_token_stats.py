@@ -132,6 +132,23 @@ def test_invalid_rows_are_nan_only_there(backend, gen):
     assert_matches_reference(stats, logits.to(DEVICE))
 
 
+@pytest.mark.parametrize("twin", ["triton", "torch"])
+def test_log_sum_exp_of_a_row_of_only_minus_inf_is_minus_inf(twin, gen):
+    """lse is log 0 = -inf for a row of only -inf (a vocabulary slice of fused_linear_logprobs can be
+    one), NaN for NaN or +inf, the float64 log-sum-exp elsewhere; its log-prob stays NaN."""
+    logits = torch.randn(4, 37, generator=gen)
+    logits[1, 5] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 8] = float("inf")
+    targets = torch.tensor([3, 3, 3, 3])
+    run = softmax_row_stats if twin == "triton" else softmax_row_stats_torch
+    out = run(logits.to(DEVICE), targets=targets.to(DEVICE), top2=False, entropy=False, lse=True)
+    lse = out["lse"].cpu()
+    torch.testing.assert_close(lse[0].double(), torch.logsumexp(logits[0].double(), 0))
+    assert lse[1].isnan() and lse[2] == float("-inf") and lse[3].isnan()
+    assert out["target_logprob"].cpu()[1:].isnan().all()
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("vocab,block_v,num_splits", [(41, 16, 1), (41, 16, 3), (1000, 64, 3), (1000, 128, 16)])
 def test_kernel_vocab_splits(gen, vocab, block_v, num_splits, aligned):

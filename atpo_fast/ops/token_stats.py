@@ -165,7 +165,7 @@ def _finish(s: _State, x: torch.Tensor, scale: float, targets: torch.Tensor | No
     argmax = s.top1_idx.masked_fill(invalid, -1)
     out = {
         "entropy": checked(log_d - s.t / s.d),
-        "lse": checked(m_ref + log_d),
+        "lse": m_ref + log_d,  # -inf for a row of only -inf (log 0), NaN for NaN or +inf (as the kernel)
         "top1_prob": checked(top1_prob),
         "margin": checked(-torch.expm1(s.top2 - m_ref) / s.d),
         "argmax": argmax,
