@@ -166,8 +166,9 @@ class DiffusionLM(nn.Module):
         weight = self.lm_head.weight
         usable = (weight.device.type == "cpu" and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
                   and weight.numel() >= MIN_PREPACKED_HEAD and torch.backends.mkldnn.is_available())
+        outer = self._prepacked_head
         self._prepacked_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if usable else None
         try:
             yield
         finally:
-            self._prepacked_head = None
+            self._prepacked_head = outer
