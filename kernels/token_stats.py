@@ -84,22 +84,19 @@ def _tile(row_ptr, start, lanes, x_next, full_end, col_end, PHASE: tl.constexpr,
     T = 1 one-program pass at V = 126464 from 64 to 71 registers (8 to 7 programs per SM), a trade no
     GPU has measured.
     """
+    cols = start + lanes
     if PHASE == 0:
-        if SCALAR_BASE:
-            if PREFETCH:  # the next tile is in flight while this one is reduced
-                x = x_next.to(tl.float32)
+        if PREFETCH:  # the next tile is in flight while this one is reduced
+            x = x_next.to(tl.float32)
+            if SCALAR_BASE:
                 x_next = tl.load(row_ptr + tl.minimum(start + BLOCK_V, full_end - BLOCK_V) + lanes)
             else:
-                x = tl.load(row_ptr + start + lanes).to(tl.float32)
-        else:
-            cols = start + lanes
-            if PREFETCH:
-                x = x_next.to(tl.float32)
                 x_next = tl.load(row_ptr + cols + BLOCK_V, mask=cols + BLOCK_V < full_end)
-            else:
-                x = tl.load(row_ptr + cols).to(tl.float32)
+        elif SCALAR_BASE:
+            x = tl.load(row_ptr + start + lanes).to(tl.float32)
+        else:
+            x = tl.load(row_ptr + cols).to(tl.float32)
     else:
-        cols = start + lanes
         x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
     return x, x_next
 
