@@ -10,7 +10,7 @@
 #   memory    one iteration at LLaDA-8B's shape, LoRA r=64 and full, at the memory model's largest micro-batch
 #   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
 #   rows      build_step_rows, extension against the torch fallback
-#   tests     the whole CUDA test suite, with the time left
+#   tests     the whole CUDA test suite (or TESTS="<files>"), with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. With PACK=<file.tgz> the folder is also packed into that one file as each stage
 # begins and at the end (the device tool returns at most 8 files). PACK comes first, so that its $OUT is
@@ -87,7 +87,7 @@ if want tests; then
     # test keeps its port to itself).
     python3 -c "import xdist" 2>/dev/null && PARALLEL="-n 8 --dist loadfile" || PARALLEL=""
     # The deselected test checks a CPU library's first exp in 12 fresh processes: 124 s of GPU time on the H200.
-    timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL tests \
+    timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL ${TESTS:-tests} \
         --ignore=tests/test_compile.py --ignore=tests/test_transformers_517.py \
         --deselect tests/test_token_stats.py::test_first_cpu_exp_after_import_is_accurate 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40
