@@ -560,7 +560,7 @@ def softmax_row_stats(
     block_v: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    prefetch: bool = True,
+    prefetch: bool | None = None,
     lanes: bool = False,
     fuse_merge: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -575,8 +575,9 @@ def softmax_row_stats(
     A seeded sample depends on block_v (the column order), and on num_splits and on the kernel only
     where the group sums' rounding moves it across a lane-group boundary (see _sample). block_v,
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
-    this one) override the launch layout, and lanes reads aligned rows with the kernel of lanes too
-    (float32 rows sampled at temperature != 1 always are), for tests and tuning. When one program
+    this one; by default only the kernel of lanes does) override the launch layout, and lanes reads
+    aligned rows with the kernel of lanes too (float32 rows sampled at temperature != 1 always are),
+    for tests and tuning. When one program
     covers each row, the vocabulary pass writes the outputs itself (bit-identical to the merge
     kernel's); fuse_merge=False launches the merge kernel anyway (tests and timing).
     """
@@ -587,7 +588,7 @@ def softmax_row_stats(
     sample = top2 and temperature > 0
     block_v = block_v or default_block_v(vocab, logits.element_size())
     flags = dict(TOP2=top2, ENTROPY=entropy, SAMPLE=sample, TEMPERED=sample and temperature != 1.0,
-                 BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1), PREFETCH=prefetch)
+                 BLOCK_V=block_v, GROUPS=max(block_v // GROUP_W, 1))
     partial = _partial_kernel_lanes
     vec = 16 // logits.element_size()  # a slot: one 16-byte load
     # float32 slots hold 4 columns, too few to pay for the per-slot rescale of a tempered sample's sums: those
@@ -596,6 +597,11 @@ def softmax_row_stats(
     slots = not lanes and not (flags["TEMPERED"] and vec < 8)
     if slots and _rows_aligned(logits, stride_outer, stride_inner, inner_size):
         partial, flags["VEC"] = _partial_kernel, vec
+    # Prefetch by default only in the kernel of lanes. H200, bf16 V = 126464, CUDA graphs: without it that kernel
+    # lost 8-15 points of copy bandwidth (kernel_layouts_cuda_2026-11-27_run2.md); the kernel of slots (2048
+    # columns on 4 warps) gained in 11 of 12 cases over two runs (_run4, _run5; greedy, T = 1, log-sum-exp at
+    # N = 256 and 4096), 1.6 points on average: each thread's two 16-byte loads per tile keep enough in flight.
+    flags["PREFETCH"] = partial is _partial_kernel_lanes if prefetch is None else prefetch
     num_warps = num_warps or stats_num_warps(block_v, logits.element_size())
     per_sm = 8
     if num_splits is None and device.type == "cuda" and n_rows:

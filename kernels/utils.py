@@ -73,10 +73,12 @@ def stats_num_warps(block_v: int, element_size: int) -> int:
     points of it in all six cases (greedy, T = 1 and log-sum-exp at N = 256 and 4096). Greedy at N = 4096:
     85.3% of copy bandwidth, against 77.7% for 512 columns on 1 warp and 80.7% for 1024 on 4 without the
     prefetch; T = 1: 79.6% against 73.6% for 1024 on 4. As the default (_run4.md): 88.5% greedy, 82.1% at
-    T = 1, no other of ten layouts better by more than 2.2 points. The kernel of lanes takes the same
-    layout: on 8 warps its 16-bit rows would hold 48-80 registers instead of 80-161, but run 1.4-2.2 more
-    SASS instructions per element in the loop over whole tiles, float32 rows 3.0-3.75 more (its per-tile
-    reductions spread over fewer columns per thread; Triton 3.6, sm_90, V = 126464, N = 4096).
+    T = 1, no other of ten layouts better by more than 2.2 points. (The same tiles without the prefetch
+    were faster in 11 of 12 cases of _run4 and _run5, so aligned rows now go without it.) The kernel of
+    lanes takes the same layout: on 8 warps its 16-bit rows would hold 48-80 registers instead of 80-161,
+    but run 1.4-2.2 more SASS instructions per element in the loop over whole tiles, float32 rows 3.0-3.75
+    more (its per-tile reductions spread over fewer columns per thread; Triton 3.6, sm_90, V = 126464,
+    N = 4096).
     """
     return max(1, min(4, block_v * element_size // 1024))
 
