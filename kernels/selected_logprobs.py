@@ -4,7 +4,8 @@ keeping the log-sum-exp. Backward: d log p(target) / d logits, one pass, written
 grad[r, v] = g[r] * scale * (onehot(target[r])[v] - softmax(scale * z[r])[v]), with the softmax
 rebuilt from the saved log-sum-exp; rows whose target is -100 get exact zeros. The programs tile
 the vocabulary like the forward (kernels/token_stats.py): whole tiles with unmasked 16-byte loads
-and stores, then the last partial tile; the target column's +g is written after the tiles.
+and stores, then the last partial tile; the target column's +g is written after the tiles. With
+g * scale = -1 and no target the same pass writes the softmax terms exp(scale * z - shift) (softmax_terms).
 """
 
 from __future__ import annotations
@@ -69,6 +70,21 @@ def logprob_backward(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Gradient [..., V] (contiguous, logits' dtype) for logits [..., V], flat targets/lse/grad_out [N]."""
+    return _launch_backward(logits, targets, lse, grad_out, float(scale), float(scale) * LOG2E)
+
+
+def softmax_terms(logits: torch.Tensor, shift: torch.Tensor, scale: float) -> torch.Tensor:
+    """exp(scale * logits - shift) [N, V] (contiguous, logits' dtype) for logits [N, V], shift float32 [N]:
+    the backward pass with g * scale = -1 and no target, one read and one write of the tile (fused_linear_logprobs'
+    frozen-head route, whose torch ops took four float32 passes)."""
+    n_rows = logits.shape[0]
+    no_target = torch.full((n_rows,), -1, dtype=torch.int64, device=logits.device)  # outside [0, V): no one-hot
+    minus_one = torch.full((n_rows,), -1.0, dtype=torch.float32, device=logits.device)
+    return _launch_backward(logits, no_target, shift, minus_one, 1.0, float(scale) * LOG2E)
+
+
+def _launch_backward(logits, targets, lse, grad_out, g_scale: float, c: float) -> torch.Tensor:
+    """The backward kernel over logits [..., V]: g = grad_out * g_scale, the softmax of x * c in log2 units."""
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -78,7 +94,7 @@ def logprob_backward(
     block_v, cols_per_split, n_splits = vocab_split(n_rows, vocab, logits.element_size(), logits.device, None, None)
     _logprob_backward_kernel[(n_rows, n_splits)](
         logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(), grad_out.reshape(-1).contiguous(),
-        vocab, cols_per_split, stride_outer, stride_inner, inner_size, float(scale), float(scale) * LOG2E,
+        vocab, cols_per_split, stride_outer, stride_inner, inner_size, g_scale, c,
         BLOCK_V=block_v, num_warps=default_num_warps(block_v),
     )
     return grad

@@ -340,7 +340,8 @@ def frozen_head_grads(hidden, weight, bias, targets, weights, temperature, devic
     (1000, True, 1.3, 1 << 20, 256, True),
     (126464, False, 1.0, None, 8192, False),
 ])
-def test_fused_linear_frozen_head_route(gen, monkeypatch, vocab, bias, temperature, chunk_bytes, vocab_tile, peaked):
+def test_fused_linear_frozen_head_route(backend, gen, monkeypatch, vocab, bias, temperature, chunk_bytes, vocab_tile,
+                                       peaked):
     """A frozen head's route (hidden's gradient from the forward's walk) against float64, with a -inf
     logit (the [MASK] bias), ignored targets and, where peaked, logits whose row max keeps growing
     across the vocabulary slices (every rescaling of the running sums is exercised)."""
@@ -352,17 +353,19 @@ def test_fused_linear_frozen_head_route(gen, monkeypatch, vocab, bias, temperatu
     if b is not None:
         b[vocab // 3] = float("-inf")
     targets[targets == vocab // 3] = 0
-    got = frozen_head_grads(hidden, weight, b, targets, weights, temperature, device=DEVICE, chunk_bytes=chunk_bytes)
+    got = frozen_head_grads(hidden, weight, b, targets, weights, temperature, device=DEVICE, chunk_bytes=chunk_bytes,
+                            backend=backend)
     ref = reference_fused(hidden, weight, None if b is None else b.detach(), targets, weights, temperature)
     assert_fp32_close(got[0], ref[0], "logprob")
     assert_fp32_close(got[1], ref[1], "hidden")
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_fused_linear_frozen_head_low_precision(gen, monkeypatch, dtype):
+def test_fused_linear_frozen_head_low_precision(backend, gen, monkeypatch, dtype):
     monkeypatch.setattr(fll, "VOCAB_TILE", 128)
     hidden, weight, bias, targets, weights = linear_problem(29, 24, 500, gen, dtype=dtype)
-    got = frozen_head_grads(hidden, weight, bias, targets, weights, 0.9, device=DEVICE, chunk_bytes=4 * 128 * 8)
+    got = frozen_head_grads(hidden, weight, bias, targets, weights, 0.9, device=DEVICE, chunk_bytes=4 * 128 * 8,
+                            backend=backend)
     ref = reference_fused(hidden, weight, bias, targets, weights, 0.9)
     own = torch_own_fused(hidden, weight, bias, targets, weights, 0.9)
     assert got[1].dtype == dtype

@@ -15,8 +15,9 @@ allows it) before being written.
 
 A frozen LM head (no gradient for weight or bias, as under LoRA) takes another route with no
 recomputation: the same walk also accumulates d logp_r / d hidden_r = scale * (W[target_r] - sum_v
-p_rv W_v) online, like flash attention's output (each tile's exp(scale * z - the row's lse so far)
-times the weight slice, the sum rescaled as the lse grows), and the backward only scales it by
+p_rv W_v) online, like flash attention's output (each tile's exp(scale * z - the row's lse so far),
+written in the tile's dtype by one Triton pass on CUDA, times the weight slice, the sum rescaled as
+the lse grows), and the backward only scales it by
 the incoming gradient: two GEMMs in all, as many as F.linear and its backward. Its log-probs are
 bit for bit those of the other route.
 
@@ -113,6 +114,19 @@ def _tile_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, g: torch
     return grad.to(z.dtype)
 
 
+def _softmax_terms(z: torch.Tensor, shift: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """exp(scale * z - shift[:, None]) in z's dtype for a logits tile z [R, C] (the walk's own: the torch
+    backend works on a float32 tile in place), shift [R] in the working dtype."""
+    if backend == "triton":
+        from atpo_fast.kernels.selected_logprobs import softmax_terms
+
+        return softmax_terms(z, shift, scale)
+    p = z.to(shift.dtype)
+    if scale != 1.0:
+        p.mul_(scale)
+    return p.sub_(shift[:, None]).exp_().to(z.dtype)
+
+
 def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, scale: float,
           chunk_bytes: int, backend: str, with_hidden_grad: bool):
     """The forward's walk over the vocabulary: (logprob [N], lse [N], d logp_r / d hidden_r [N, D] or None).
@@ -134,12 +148,8 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             new_lse = torch.logaddexp(lse[part], tile_lse.to(work))
             if with_hidden_grad:
                 shift = torch.where(new_lse == float("-inf"), 0.0, new_lse)  # a row of only -inf so far
-                p = z.to(work)  # this walk's own tile from here on
-                if scale != 1.0:
-                    p.mul_(scale)
-                p.sub_(shift[:, None]).exp_()  # softmax terms against the lse so far
                 expected_row[part] *= torch.exp(lse[part] - shift)[:, None]
-                _accumulate(expected_row[part], p.to(hidden.dtype), w)
+                _accumulate(expected_row[part], _softmax_terms(z, shift, scale, backend), w)
             lse[part] = new_lse
             target_logit[part] += torch.where(inside[part], picked.to(work), 0.0)
     ignored = targets == IGNORE_INDEX
