@@ -187,7 +187,7 @@ def test_prefetch_changes_no_output(gen, aligned):
     tiles, a partial last tile and 3 splits per row."""
     logits = laid_out(mixed_rows(1000, gen).to(torch.bfloat16).to(DEVICE), aligned)
     targets = torch.randint(0, 1000, logits.shape[:-1], generator=gen).to(DEVICE)
-    for kwargs in (dict(targets=targets, lse=True), dict(temperature=1.0, seed=5), dict(temperature=0.7, seed=5)):
+    for kwargs in (dict(targets=targets, lse=True), dict(temperature=0.7, seed=5)):
         for splits in (1, 3):
             default, *others = [softmax_row_stats(logits, block_v=64, num_splits=splits, prefetch=prefetch, **kwargs)
                                 for prefetch in (None, True, False)]
