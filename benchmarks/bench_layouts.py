@@ -26,10 +26,10 @@ ROWS = (4096, 256)
 # unaligned rows (one max per tile) on these aligned rows, against the default kernel (one max per 16-byte slot);
 # fuse_merge False: the merge kernel even where one program covers a row (added at N = 4096)
 LAYOUTS = [(None, None, None, None, False, True), (None, None, None, None, True, True),
-           (2048, 4, False, None, False, True), (2048, 2, True, None, False, True),
-           (2048, 8, True, None, False, True), (4096, 4, True, None, False, True),
-           (4096, 8, True, None, False, True), (1024, 4, True, None, False, True),
-           (1024, 2, True, None, False, True), (512, 1, True, None, False, True)]
+           (2048, 4, True, None, False, True), (2048, 2, None, None, False, True),
+           (2048, 8, None, None, False, True), (4096, 4, None, None, False, True),
+           (4096, 8, None, None, False, True), (1024, 4, None, None, False, True),
+           (1024, 2, None, None, False, True), (512, 1, None, None, False, True)]
 SPLITS_AT_256 = (2, 3, 4, 6, 8)  # programs per row at N = 256 with the default layout otherwise
 KINDS = {"T=0": dict(temperature=0.0), "T=1": dict(temperature=1.0, seed=1),
          "lse": dict(top2=False, entropy=False, lse=True)}
