@@ -56,7 +56,8 @@ PY
     python3 -c "import torch, atpo_fast._C as C; print('extension with CUDA:', C.with_cuda)" | tee -a "$OUT/gpu_env.txt"
 fi
 if want smoke; then
-    timeout "${SMOKE_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_token_stats.py \
+    # SIGINT at the limit: pytest still prints its summary (how many passed before the cut)
+    timeout -s INT -k 5 "${SMOKE_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_token_stats.py \
         tests/test_logprobs.py tests/test_step_stats.py tests/test_step_rows.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -15
 fi
 if [ -f .baseline/compare.py ] && want compare; then
