@@ -80,9 +80,9 @@ def _tile(row_ptr, start, lanes, x_next, full_end, col_end, PHASE: tl.constexpr,
     tile prefetches that tile again (in bounds, unused) instead of masking each column: a thread's
     addresses become one register and immediate offsets. In the kernel of lanes (scalar loads) that
     took 3.8-4.6 instructions per element off the loop (Triton 3.6 / 3.9, sm_90). The kernel of slots
-    keeps int32 columns and a masked prefetch: there the scalar form saved ~0.5 but raised the bf16
-    T = 1 one-program pass at V = 126464 from 64 to 71 registers (8 to 7 programs per SM), a trade no
-    GPU has measured.
+    keeps int32 columns: with its (optional) prefetch the scalar form saved ~0.5 but raised the bf16 T = 1
+    one-program pass at V = 126464 from 64 to 71 registers (8 to 7 programs per SM); without it (the
+    default) it saved 0.125 at the same registers (10.8 per element), not worth a second form.
     """
     cols = start + lanes
     if PHASE == 0:
