@@ -577,9 +577,9 @@ def softmax_row_stats(
     num_splits, num_warps (of the vocabulary pass) and prefetch (load the next tile before reducing
     this one; by default only the kernel of lanes does) override the launch layout, and lanes reads
     aligned rows with the kernel of lanes too (float32 rows sampled at temperature != 1 always are),
-    for tests and tuning. When one program
-    covers each row, the vocabulary pass writes the outputs itself (bit-identical to the merge
-    kernel's); fuse_merge=False launches the merge kernel anyway (tests and timing).
+    for tests and tuning. When one program covers each row, the vocabulary pass writes the outputs
+    itself (bit-identical to the merge kernel's); fuse_merge=False launches the merge kernel anyway
+    (tests and timing).
     """
     vocab = logits.shape[-1]
     n_rows = logits.numel() // vocab

@@ -17,9 +17,8 @@ A frozen LM head (no gradient for weight or bias, as under LoRA) takes another r
 recomputation: the same walk also accumulates d logp_r / d hidden_r = scale * (W[target_r] - sum_v
 p_rv W_v) online, like flash attention's output (each tile's exp(scale * z - the row's lse so far),
 written in the tile's dtype by one Triton pass on CUDA, times the weight slice, the sum rescaled as
-the lse grows), and the backward only scales it by
-the incoming gradient: two GEMMs in all, as many as F.linear and its backward. Its log-probs are
-bit for bit those of the other route.
+the lse grows), and the backward only scales it by the incoming gradient: two GEMMs in all, as many
+as F.linear and its backward. Its log-probs are bit for bit those of the other route.
 
 Peak extra memory: a few tiles (<= chunk_bytes each), a float32 [VOCAB_TILE, D] weight-gradient
 slice, and, when hidden is bf16/fp16, a float32 [N, D] buffer for hidden's gradient (the frozen
