@@ -2,8 +2,10 @@
 
 A bidirectional model with LLaDA's vocabulary and random weights (no download): on CPU 8 layers of
 width 1024, B = 4, prompt 128, gen 256, block 32, 256 steps; on CUDA LLaDA-8B's exact shape in
-bf16, batch 64, 64 steps. Reported per mode: wall time, speed-up over "none", response tokens per second,
-and the share of response tokens equal to the exact ("none") rollout's (greedy, the same prompts); also
+bf16, batch 64, 64 steps. Each mode runs twice, in mirrored order (none, prefix, dual, dual, prefix,
+none), so that a machine whose speed drifts during the run (as this project's CPU machine did by 15-32%)
+weighs on every mode alike. Reported per mode: wall time (the mean of its two runs, and both), speed-up
+over "none", response tokens per second, and the share of response tokens equal to the exact ("none") rollout's (greedy, the same prompts); also
 the time inside the LM head (the same rows in every mode: the caches cannot shorten it) and the speed-up
 of everything else.
 Then what the approximation costs on the default job: held-out greedy accuracy and token agreement
@@ -28,10 +30,12 @@ from benchmarks.common import machine_info, print_table, write_results
 LLADA_VOCAB = 126464
 MODES = ("none", "prefix", "dual")
 CPU = dict(width=1024, layers=8, heads=16, mlp=2816, batch=4, prompt=128, gen=256, block=32, steps=256)
-# on CUDA 64 steps (4 tokens a step) keep the three modes inside one device call; tokens/s compare alike
+# on CUDA 64 steps (4 tokens a step) keep the three modes, twice each, inside one device call (about 160 s on an
+# H200 by rollout_cuda_2026-11-27_run2); tokens/s compare alike
 CUDA = dict(width=4096, layers=32, heads=32, mlp=12288, batch=64, prompt=128, gen=256, block=32, steps=64)
 QUICK = dict(width=128, layers=2, heads=4, mlp=256, batch=2, prompt=16, gen=64, block=16, steps=64)
-COLUMNS = ["mode", "wall_s", "speedup", "tokens_per_s", "agreement", "head_s", "speedup_without_head", "shape"]
+COLUMNS = ["mode", "wall_s", "runs_s", "speedup", "tokens_per_s", "agreement", "head_s", "speedup_without_head",
+           "shape"]
 TASK_COLUMNS = ["mode", "cache_refresh", "wall_s", "accuracy", "agreement"]
 QUICK_TASK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
               "warmstart.steps=10", "warmstart.batch_size=8", "task.options={train_size: 100, test_size: 20}"]
@@ -74,9 +78,9 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
     kwargs = dict(gen_length=shape["gen"], block_length=shape["block"], steps=shape["steps"], temperature=0.0)
     generate(model, prompt[:, :8], **{**kwargs, "gen_length": shape["block"], "steps": 2})  # warm-up
     head = timed_head(model, device)
-    results, exact = [], None
-    for mode in MODES:
-        if device == "cuda":
+    walls, heads, agreement, exact = {}, {}, {}, None
+    for mode in MODES + MODES[::-1]:  # each mode twice, in mirrored order: a steady drift of the machine's speed
+        if device == "cuda":         # within the run weighs on every mode alike
             torch.cuda.synchronize()
         head[0] = 0.0
         start = time.perf_counter()
@@ -85,9 +89,16 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
         exact = rollout.response if exact is None else exact
-        results.append({"mode": mode, "wall_s": wall, "tokens_per_s": rollout.response.numel() / wall,
-                        "agreement": (rollout.response == exact).float().mean().item(), "head_s": head[0]})
+        walls.setdefault(mode, []).append(wall)
+        heads.setdefault(mode, []).append(head[0])
+        agreement.setdefault(mode, (rollout.response == exact).float().mean().item())
         print(f"{mode}: {wall:.2f} s", flush=True)
+    results = []
+    for mode in MODES:
+        wall = sum(walls[mode]) / 2
+        results.append({"mode": mode, "wall_s": wall, "tokens_per_s": exact.numel() / wall,
+                        "agreement": agreement[mode], "head_s": sum(heads[mode]) / 2,
+                        "runs_s": " / ".join(f"{w:.4g}" for w in walls[mode])})
     for row in results:
         row["speedup"] = results[0]["wall_s"] / row["wall_s"]
         row["speedup_without_head"] = (results[0]["wall_s"] - results[0]["head_s"]) / (row["wall_s"] - row["head_s"])
@@ -132,9 +143,10 @@ def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
         print_table(COLUMNS, table)
         if not quick:
             notes = ("Greedy rollouts of one random-weight bidirectional model with LLaDA's vocabulary, the three "
-                     "cache modes one after the other in one process; agreement: share of response tokens equal "
-                     "to the cache='none' rollout's. head_s: wall time inside the LM head (the masked positions "
-                     "of the block, alike in every mode); speedup_without_head: the speed-up of the rest.")
+                     "cache modes in one process, each twice in mirrored order (none, prefix, dual, dual, prefix, "
+                     "none): wall_s and head_s are the means of its two runs (runs_s). agreement: share of response "
+                     "tokens equal to the cache='none' rollout's. head_s: wall time inside the LM head (the masked "
+                     "positions of the block, alike in every mode); speedup_without_head: the speed-up of the rest.")
             path = write_results("rollout", "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
             print(f"wrote {path}")
     if task:
