@@ -5,9 +5,9 @@ width 1024, B = 4, prompt 128, gen 256, block 32, 256 steps; on CUDA LLaDA-8B's 
 bf16, batch 64, 64 steps. Each mode runs twice, in mirrored order (none, prefix, dual, dual, prefix,
 none), so that a machine whose speed drifts during the run (as this project's CPU machine did by 15-32%)
 weighs on every mode alike. Reported per mode: wall time (the mean of its two runs, and both), speed-up
-over "none", response tokens per second, and the share of response tokens equal to the exact ("none") rollout's (greedy, the same prompts); also
-the time inside the LM head (the same rows in every mode: the caches cannot shorten it) and the speed-up
-of everything else.
+over "none", response tokens per second, and the share of response tokens equal to the exact ("none")
+rollout's (greedy, the same prompts); also the time inside the LM head (the same rows in every mode: the
+caches cannot shorten it) and the speed-up of everything else.
 Then what the approximation costs on the default job: held-out greedy accuracy and token agreement
 of the warm-started tiny model on sudoku4, per mode.
 
