@@ -35,7 +35,7 @@ CPU = dict(width=1024, layers=8, heads=16, mlp=2816, batch=4, prompt=128, gen=25
 CUDA = dict(width=4096, layers=32, heads=32, mlp=12288, batch=64, prompt=128, gen=256, block=32, steps=64)
 QUICK = dict(width=128, layers=2, heads=4, mlp=256, batch=2, prompt=16, gen=64, block=16, steps=64)
 COLUMNS = ["mode", "wall_s", "runs_s", "speedup", "tokens_per_s", "agreement", "head_s", "speedup_without_head",
-           "shape"]
+           "layer_work", "work_bound", "shape"]
 TASK_COLUMNS = ["mode", "cache_refresh", "wall_s", "accuracy", "agreement"]
 QUICK_TASK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
               "warmstart.steps=10", "warmstart.batch_size=8", "task.options={train_size: 100, test_size: 20}"]
@@ -61,6 +61,20 @@ def timed_head(model, device: str) -> list[float]:
     return spent
 
 
+def counted_linear_work(model) -> list[int]:
+    """Make every nn.Linear of model.backbone add its multiply-adds (rows x in x out) to the returned
+    one-element list: the matrix work of the decoder layers, which the caches shorten (the head is timed apart)."""
+    work = [0]
+
+    def count(module, inputs, _output):
+        work[0] += inputs[0].numel() * module.out_features
+
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(count)
+    return work
+
+
 def rollout_times(shape: dict, device: str) -> list[dict]:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -77,12 +91,12 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
     prompt = torch.randint(4, 4 + len(config.chars), (shape["batch"], shape["prompt"]), device=device)
     kwargs = dict(gen_length=shape["gen"], block_length=shape["block"], steps=shape["steps"], temperature=0.0)
     generate(model, prompt[:, :8], **{**kwargs, "gen_length": shape["block"], "steps": 2})  # warm-up
-    head = timed_head(model, device)
-    walls, heads, agreement, exact = {}, {}, {}, None
+    head, work = timed_head(model, device), counted_linear_work(model)
+    walls, heads, works, agreement, exact = {}, {}, {}, {}, None
     for mode in MODES + MODES[::-1]:  # each mode twice, in mirrored order: a steady drift of the machine's speed
         if device == "cuda":         # within the run weighs on every mode alike
             torch.cuda.synchronize()
-        head[0] = 0.0
+        head[0] = work[0] = 0
         start = time.perf_counter()
         rollout = generate(model, prompt, cache=mode, **kwargs)
         if device == "cuda":
@@ -91,6 +105,7 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
         exact = rollout.response if exact is None else exact
         walls.setdefault(mode, []).append(wall)
         heads.setdefault(mode, []).append(head[0])
+        works[mode] = work[0]
         agreement.setdefault(mode, (rollout.response == exact).float().mean().item())
         print(f"{mode}: {wall:.2f} s", flush=True)
     results = []
@@ -99,9 +114,14 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
         results.append({"mode": mode, "wall_s": wall, "tokens_per_s": exact.numel() / wall,
                         "agreement": agreement[mode], "head_s": sum(heads[mode]) / 2,
                         "runs_s": " / ".join(f"{w:.4g}" for w in walls[mode])})
+    none_wall, none_rest = results[0]["wall_s"], results[0]["wall_s"] - results[0]["head_s"]
     for row in results:
-        row["speedup"] = results[0]["wall_s"] / row["wall_s"]
-        row["speedup_without_head"] = (results[0]["wall_s"] - results[0]["head_s"]) / (row["wall_s"] - row["head_s"])
+        row["speedup"] = none_wall / row["wall_s"]
+        row["speedup_without_head"] = none_rest / (row["wall_s"] - row["head_s"])
+        row["layer_work"] = works[row["mode"]] / works["none"]
+        # the speed-up if all but the head scaled with the layers' matrix work: an upper bound, since the
+        # steps' fixed costs (token_stats, the commit) and the smaller GEMMs' lower speed do not shrink with it
+        row["work_bound"] = none_wall / (none_rest * row["layer_work"] + row["head_s"])
         row["shape"] = (f"L={shape['layers']} d={shape['width']} V={LLADA_VOCAB} B={shape['batch']} "
                         f"prompt={shape['prompt']} gen={shape['gen']} block={shape['block']} steps={shape['steps']}")
     return results
@@ -146,7 +166,10 @@ def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
                      "cache modes in one process, each twice in mirrored order (none, prefix, dual, dual, prefix, "
                      "none): wall_s and head_s are the means of its two runs (runs_s). agreement: share of response "
                      "tokens equal to the cache='none' rollout's. head_s: wall time inside the LM head (the masked "
-                     "positions of the block, alike in every mode); speedup_without_head: the speed-up of the rest.")
+                     "positions of the block, alike in every mode); speedup_without_head: the speed-up of the rest. "
+                     "layer_work: the decoder layers' matrix multiply-adds (every nn.Linear of the backbone, counted "
+                     "by hooks) against none's; work_bound: the speed-up if everything but the head took none's time "
+                     "times layer_work, an upper bound (a step's fixed costs do not shrink with the work).")
             path = write_results("rollout", "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
             print(f"wrote {path}")
     if task:
