@@ -7,7 +7,8 @@ none), so that a machine whose speed drifts during the run (as this project's CP
 weighs on every mode alike. Reported per mode: wall time (the mean of its two runs, and both), speed-up
 over "none", response tokens per second, and the share of response tokens equal to the exact ("none")
 rollout's (greedy, the same prompts); also the time inside the LM head (the same rows in every mode: the
-caches cannot shorten it) and the speed-up of everything else.
+caches cannot shorten it), the speed-up of everything else, the decoder layers' matrix work against
+none's and the speed-up that work allows (work_bound).
 Then what the approximation costs on the default job: held-out greedy accuracy and token agreement
 of the warm-started tiny model on sudoku4, per mode.
 
