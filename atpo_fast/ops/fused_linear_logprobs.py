@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from atpo_fast._checks import IGNORE_INDEX, check_backend, check_float, check_targets, check_temperature
-from atpo_fast.ops.token_stats import working_dtype
+from atpo_fast.ops.token_stats import scratch_tiles, working_dtype
 
 CUDA_CHUNK_BYTES = 256 * 2**20  # default float32 logits tile on CUDA
 CPU_CHUNK_BYTES = 16 * 2**20  # smaller on CPU: caches are smaller and nothing runs in parallel to hide
@@ -68,16 +68,6 @@ def _logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if bias is None:
         return torch.mm(hidden, weight.t(), out=out)
     return torch.addmm(bias, hidden, weight.t(), out=out)
-
-
-def _tile_buffer(rows: int, cols: int, like: torch.Tensor):
-    """One reusable logits tile for a walk: tile(r, c) views its first r * c elements as a contiguous
-    [r, c] tensor in like's dtype. On CPU a fresh 16 MiB tensor per tile comes back from the kernel
-    as new pages that fault in zeroed: at N=2048 V=32000 D=512 float32 on 2 cores one forward+backward
-    took 74k page faults with a tensor per tile and 23k with this buffer (most of them the weight's
-    gradient), and 0.99x -> 0.93x the time of F.linear + selected_logprobs (logprobs_fused_cpu_2026-11-27_run3)."""
-    flat = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
-    return lambda r, c: flat[: r * c].view(r, c)
 
 
 def _vocab_slices(weight, bias, compute_dtype, cols):
@@ -152,7 +142,7 @@ def _walk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lse = torch.full((n_rows,), float("-inf"), dtype=work, device=hidden.device)
     target_logit = torch.zeros(n_rows, dtype=work, device=hidden.device)
     expected_row = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if with_hidden_grad else None
-    tile = _tile_buffer(min(rows, n_rows), cols, hidden)
+    tile = scratch_tiles(min(rows, n_rows), cols, hidden.dtype, hidden.device)  # each tile GEMM writes here
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
         inside, local = _local_targets(targets, v0, v1, outside=IGNORE_INDEX)
         for r0 in range(0, n_rows, rows):
@@ -225,7 +215,7 @@ def _backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     grad_hidden = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
-    tile = _tile_buffer(min(rows, n_rows), cols, hidden)
+    tile = scratch_tiles(min(rows, n_rows), cols, hidden.dtype, hidden.device)  # each tile GEMM writes here
     for v0, v1, w, b in _vocab_slices(weight, bias, hidden.dtype, cols):
         _, local = _local_targets(targets, v0, v1, outside=NO_ONE_HOT)
         acc_weight = None

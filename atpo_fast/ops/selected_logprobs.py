@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from atpo_fast._checks import IGNORE_INDEX, check_backend, check_logits, check_targets, check_temperature
-from atpo_fast.ops.token_stats import DEFAULT_CHUNK_ELEMS, softmax_row_stats_torch, working_dtype
+from atpo_fast.ops.token_stats import DEFAULT_CHUNK_ELEMS, scratch_tiles, softmax_row_stats_torch, working_dtype
 
 
 def logprob_backward_torch(
@@ -23,11 +23,12 @@ def logprob_backward_torch(
     targets, lse, grad_out = targets.reshape(-1), lse.reshape(-1), grad_out.reshape(-1)
     grad = torch.empty(x.shape, dtype=logits.dtype, device=logits.device)
     rows = max(1, chunk_elems // vocab)
+    tile = scratch_tiles(min(rows, x.shape[0]), vocab, working_dtype(x.dtype), x.device)
     for r0 in range(0, x.shape[0], rows):
-        r1 = r0 + rows
+        r1 = min(r0 + rows, x.shape[0])
         ignored = targets[r0:r1] == IGNORE_INDEX
         g = (grad_out[r0:r1].to(lse.dtype) * scale).masked_fill(ignored, 0.0)
-        p = x[r0:r1].to(working_dtype(x.dtype), copy=True).mul_(scale).sub_(lse[r0:r1, None]).exp_()
+        p = tile(r1 - r0, vocab).copy_(x[r0:r1]).mul_(scale).sub_(lse[r0:r1, None]).exp_()
         p.mul_(-g[:, None]).scatter_add_(1, targets[r0:r1].masked_fill(ignored, 0)[:, None], g[:, None])
         grad[r0:r1] = p.masked_fill_(ignored[:, None], 0.0)
     return grad.view(logits.shape)
