@@ -329,10 +329,11 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
     g = tl.arange(0, GROUPS)
 
     u_group, u_column = _uniforms_open(seed_hi, seed_lo, row64)
-    target = u_group * tl.sum(group_sum, axis=0)
     cum = tl.cumsum(group_sum, axis=0)
-    group = tl.min(tl.where(cum > target, g, GROUPS), axis=0)
-    group = tl.where(group == GROUPS, tl.max(tl.where(group_sum > 0, g, 0), axis=0), group)  # rounding
+    # the first group whose running sum reaches u_group times the last (a positive one: see the column below);
+    # none only for an invalid row (a NaN or no positive sum), whose draw is not reported
+    target = u_group * tl.max(cum, axis=0)
+    group = tl.minimum(tl.min(tl.where((cum >= target) & (group_sum > 0), g, GROUPS), axis=0), GROUPS - 1)
 
     # the chosen group's lanes in every tile of the row, in column order, 2 KiB of logits at a time (16 bytes
     # per thread on 4 warps: one chunk at V = 126464 in bf16, and a pass that samples at its end keeps its
@@ -346,19 +347,19 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
     total = 0.0
     for start in tl.range(0, N_TILES, RESCAN_TILES):
         total += tl.max(tl.cumsum(_terms(row_ptr, start * BLOCK_V + lanes, vocab, c, mc_max, t_ratio), axis=0), axis=0)
+    # the first column whose running sum reaches u_column * total: one exists whenever total > 0, since the
+    # last running sum is total itself (the same additions) and u_column < 1; it has a positive term, as the
+    # sum before it stayed below the threshold (e > 0 only excludes every column when total is 0)
     threshold = u_column * total
     col = 2147483647
-    last_positive = -1
     carry = 0.0
     for start in tl.range(0, N_TILES, RESCAN_TILES):
         cols = start * BLOCK_V + lanes
         e = _terms(row_ptr, cols, vocab, c, mc_max, t_ratio)
         running = tl.cumsum(e, axis=0)  # the chunk's running sum; its last entry is what the total added
-        col = tl.minimum(col, tl.min(tl.where(carry + running > threshold, cols, 2147483647), axis=0))
-        last_positive = tl.maximum(last_positive, tl.max(tl.where(e > 0, cols, -1), axis=0))
+        col = tl.minimum(col, tl.min(tl.where((carry + running >= threshold) & (e > 0), cols, 2147483647), axis=0))
         carry += tl.max(running, axis=0)
-    col = tl.where(col == 2147483647, last_positive, col)
-    return tl.where(col < 0, fallback, col)
+    return tl.where(col == 2147483647, fallback, col)
 
 
 @triton.jit
