@@ -209,8 +209,10 @@ def analyze(launch: Launch, arch: int) -> dict:
         return row
     meta = compiled.metadata
     cubin = compiled.asm["cubin"]
-    body, steady = main_loop(sass_lines(cubin)) if name not in NO_VOCABULARY_LOOP else ([], [])
+    lines = sass_lines(cubin)
+    body, steady = main_loop(lines) if name not in NO_VOCABULARY_LOOP else ([], [])
     row.update(status="ok", **resource_usage(cubin), shared_bytes=meta.shared, num_warps=meta.num_warps,
+               kernel_instructions=len(lines), kernel_barriers=sum(_opcode(t).startswith("BAR") for _, t in lines),
                flags=" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
                               if k != "BLOCK_V"))
     if body:
@@ -269,8 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 COLUMNS = ["kernel", "arch", "status", "flags", "num_warps", "BLOCK_V", "registers", "stack_bytes", "local_bytes",
            "shared_bytes", "tiles_per_pass", "instructions_per_element", "static_per_element", "barriers_per_tile",
-           "load_bits",
-           "calls", "error"]
+           "load_bits", "kernel_instructions", "kernel_barriers", "calls", "error"]
 
 
 def main(argv=None) -> int:
@@ -298,7 +299,9 @@ NOTES = ("Every specialisation the public ops launched for the shapes in benchma
          "one thread loads per pass (BLOCK_V / threads times tiles_per_pass, the tiles the compiler unrolled "
          "into one pass); an H100 keeps up with its memory below ~22 per bf16 element (~15 on an H200). "
          "barriers_per_tile: BAR instructions in that body per tile. load_bits: the widest global load in it "
-         "(128 = 16-byte vector loads). The merge kernel has no vocabulary loop.")
+         "(128 = 16-byte vector loads). kernel_instructions and kernel_barriers: the whole kernel's SASS, once (the "
+         "work around the loop: a row's merge and, when sampling, its draw, which every program of a wave runs "
+         "after the loops end together). The merge kernel has no vocabulary loop.")
 
 
 if __name__ == "__main__":
