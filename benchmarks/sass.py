@@ -192,6 +192,11 @@ def _opcode(instruction: str) -> str:
     return words[1] if words and words[0].startswith("@") else (words[0] if words else "")
 
 
+def _barriers(instructions) -> int:
+    """How many of the SASS instruction texts are barriers (BAR.SYNC and its kin)."""
+    return sum(_opcode(t).startswith("BAR") for t in instructions)
+
+
 def load_bits(opcode: str) -> int:
     """Width of a global load: LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E (32-bit) -> 32."""
     sizes = [int(size) for size in re.findall(r"\.U?(8|16|32|64|128)\b", opcode)]
@@ -212,7 +217,7 @@ def analyze(launch: Launch, arch: int) -> dict:
     lines = sass_lines(cubin)
     body, steady = main_loop(lines) if name not in NO_VOCABULARY_LOOP else ([], [])
     row.update(status="ok", **resource_usage(cubin), shared_bytes=meta.shared, num_warps=meta.num_warps,
-               kernel_instructions=len(lines), kernel_barriers=sum(_opcode(t).startswith("BAR") for _, t in lines),
+               kernel_instructions=len(lines), kernel_barriers=_barriers(t for _, t in lines),
                flags=" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
                               if k != "BLOCK_V"))
     if body:
@@ -224,7 +229,7 @@ def analyze(launch: Launch, arch: int) -> dict:
         per_thread = tile_elements * tiles
         row.update(BLOCK_V=constexprs["BLOCK_V"], tiles_per_pass=tiles,
                    instructions_per_element=len(steady) / per_thread, static_per_element=len(body) / per_thread,
-                   barriers_per_tile=sum(_opcode(t).startswith("BAR") for t in steady) / tiles,
+                   barriers_per_tile=_barriers(steady) / tiles,
                    load_bits=max(loads))
     return row
 

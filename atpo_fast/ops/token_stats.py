@@ -113,11 +113,16 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _padded(cols: int) -> int:
+    """cols rounded up to a multiple of BLOCK (a chunk's width, its tail -inf)."""
+    return -(-cols // BLOCK) * BLOCK
+
+
 def _load_chunk(x: torch.Tensor, scale: float, tile) -> torch.Tensor:
-    """x [R, C] copied into tile(R, ceil(C / BLOCK) * BLOCK) (a scratch_tiles view in the working dtype),
-    padded with -inf, times scale."""
+    """x [R, C] copied into tile(R, _padded(C)) (a scratch_tiles view in the working dtype), padded with
+    -inf, times scale."""
     rows, cols = x.shape
-    z = tile(rows, -(-cols // BLOCK) * BLOCK)
+    z = tile(rows, _padded(cols))
     z[:, :cols] = x
     z[:, cols:] = float("-inf")
     return z if scale == 1.0 else z.mul_(scale)
@@ -150,8 +155,7 @@ def softmax_row_stats_torch(
     inv_temperature = 1.0 / temperature if (top2 and temperature > 0) else None
     targets = targets.reshape(-1) if targets is not None else None
 
-    padded_cols = -(-cols // BLOCK) * BLOCK
-    z_tile, e_tile = (scratch_tiles(min(rows, n_rows), padded_cols, working_dtype(x.dtype), x.device)
+    z_tile, e_tile = (scratch_tiles(min(rows, n_rows), _padded(cols), working_dtype(x.dtype), x.device)
                       for _ in range(2))
     for r0 in range(0, n_rows, rows):
         state = None
