@@ -3,7 +3,8 @@
 # default 540, under the device's 10-minute limit). STAGES picks stages (default: all, in order):
 #   build     environment, the extension with its CUDA sources (falls back to the CPU build)
 #   smoke     CUDA correctness of every op against float64 (at most SMOKE_S=150 s)
-#   compare   .baseline/compare.py when present: an older checkout's kernels against these, side by side
+#   compare   when .baseline/kernels_old exists (python -m benchmarks.bench_ab --prepare <ref>, before the call): that
+#             commit's statistics pass against this one, interleaved
 #   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
 #   layouts   the vocabulary pass's launch layouts side by side (tile, warps, prefetch, splits)
 #   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
@@ -60,8 +61,8 @@ if want smoke; then
     timeout -s INT -k 5 "${SMOKE_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_token_stats.py \
         tests/test_logprobs.py tests/test_step_stats.py tests/test_step_rows.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -15
 fi
-if [ -f .baseline/compare.py ] && want compare; then
-    timeout $(( $(left) - 10 )) python3 .baseline/compare.py 2>&1 | tee "$OUT/gpu_compare.log" | tail -60
+if [ -d .baseline/kernels_old ] && want compare; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_ab 2>&1 | tee "$OUT/gpu_compare.log" | tail -12
 fi
 if want tokens; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_token_stats 2>&1 | tee "$OUT/gpu_tokens.log" | tail -25

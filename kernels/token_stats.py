@@ -307,15 +307,17 @@ def _uniforms_open(seed_hi, seed_lo, row64):
 
 @triton.jit
 def _terms(row_ptr, cols, vocab, c, mc_max, t_ratio):
-    """2^((x * c - mc_max) * t_ratio) at the columns cols of the row (0 past the vocabulary)."""
+    """The logits x at the columns cols of the row as float32 (-inf past the vocabulary) and their terms
+    2^((x * c - mc_max) * t_ratio)."""
     x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-    return tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
+    return x, tl.exp2(tl.fma(x, c, -mc_max) * t_ratio)
 
 
 @triton.jit
-def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback,
+def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_lo, fallback, x_fallback,
             BLOCK_V: tl.constexpr, GROUPS: tl.constexpr, N_TILES: tl.constexpr):
-    """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32).
+    """Inverse-CDF draw from softmax(x * c * t_ratio / log2(e)); returns the column (int32) and its logit
+    (float32, as read).
 
     A lane group is drawn with one uniform from the programs' group sums, then a column of that group
     with the other from its rescanned terms. The second draw reads only logits and the row's max, so
@@ -323,10 +325,11 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
     between split counts and kernels, and moves a draw only when the first uniform falls within that
     rounding of one of the GROUPS - 1 group boundaries (a single draw over the row would move with any
     of its V column boundaries). group_sum [GROUPS]: the row's group sums (_row_group_sums); mc_max:
-    the row's max times c. fallback: the column to return if rounding leaves the chosen group's
-    rescanned terms all 0 (never seen; it keeps every read in the row).
+    the row's max times c. fallback, x_fallback: the column and logit to return if rounding leaves the
+    chosen group's rescanned terms all 0 (never seen; it keeps every read in the row).
     """
     g = tl.arange(0, GROUPS)
+    never = 2147483647
 
     u_group, u_column = _uniforms_open(seed_hi, seed_lo, row64)
     cum = tl.cumsum(group_sum, axis=0)
@@ -337,29 +340,39 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
 
     # the chosen group's lanes in every tile of the row, in column order, 2 KiB of logits at a time (16 bytes
     # per thread on 4 warps: one chunk at V = 126464 in bf16, and a pass that samples at its end keeps its
-    # loop's registers, where a whole group of 4096 float32 columns took 128): their total, then the first
-    # column whose running sum passes u_column times it
+    # loop's registers, where a whole group of 4096 float32 columns took 128). The column is the first whose
+    # running sum reaches u_column times the group's total: one exists whenever the total is > 0, since the
+    # last running sum is the total itself (the same additions) and u_column < 1; it has a positive term, as
+    # the sum before it stayed below the threshold (e > 0 only excludes every column when the total is 0)
     WIDTH: tl.constexpr = BLOCK_V // GROUPS
     CHUNK: tl.constexpr = 16384 // row_ptr.dtype.element_ty.primitive_bitwidth  # columns
     RESCAN_TILES: tl.constexpr = N_TILES if N_TILES * WIDTH <= CHUNK else CHUNK // WIDTH
     lanes = tl.reshape(tl.arange(0, RESCAN_TILES)[:, None] * BLOCK_V + tl.arange(0, WIDTH)[None, :],
                        (RESCAN_TILES * WIDTH,)) + group * WIDTH
-    total = 0.0
-    for start in tl.range(0, N_TILES, RESCAN_TILES):
-        total += tl.max(tl.cumsum(_terms(row_ptr, start * BLOCK_V + lanes, vocab, c, mc_max, t_ratio), axis=0), axis=0)
-    # the first column whose running sum reaches u_column * total: one exists whenever total > 0, since the
-    # last running sum is total itself (the same additions) and u_column < 1; it has a positive term, as the
-    # sum before it stayed below the threshold (e > 0 only excludes every column when total is 0)
-    threshold = u_column * total
-    col = 2147483647
-    carry = 0.0
-    for start in tl.range(0, N_TILES, RESCAN_TILES):
-        cols = start * BLOCK_V + lanes
-        e = _terms(row_ptr, cols, vocab, c, mc_max, t_ratio)
-        running = tl.cumsum(e, axis=0)  # the chunk's running sum; its last entry is what the total added
-        col = tl.minimum(col, tl.min(tl.where((carry + running >= threshold) & (e > 0), cols, 2147483647), axis=0))
-        carry += tl.max(running, axis=0)
-    return tl.where(col == 2147483647, fallback, col)
+    if RESCAN_TILES == N_TILES:  # one chunk: its running sum gives the total and the column from one read
+        x, e = _terms(row_ptr, lanes, vocab, c, mc_max, t_ratio)
+        running = tl.cumsum(e, axis=0)
+        threshold = u_column * tl.max(running, axis=0)
+        col = tl.min(tl.where((running >= threshold) & (e > 0), lanes, never), axis=0)
+        x_col = tl.max(tl.where(lanes == col, x, float("-inf")), axis=0)
+    else:  # the total first, then the column, chunk by chunk
+        total = 0.0
+        for start in tl.range(0, N_TILES, RESCAN_TILES):
+            _, e = _terms(row_ptr, start * BLOCK_V + lanes, vocab, c, mc_max, t_ratio)
+            total += tl.max(tl.cumsum(e, axis=0), axis=0)
+        threshold = u_column * total
+        col = never
+        x_col = float("-inf")
+        carry = 0.0
+        for start in tl.range(0, N_TILES, RESCAN_TILES):
+            cols = start * BLOCK_V + lanes
+            x, e = _terms(row_ptr, cols, vocab, c, mc_max, t_ratio)
+            running = tl.cumsum(e, axis=0)  # the chunk's running sum; its last entry is what the total added
+            found = tl.min(tl.where((carry + running >= threshold) & (e > 0), cols, never), axis=0)
+            x_col = tl.where(col == never, tl.max(tl.where(cols == found, x, float("-inf")), axis=0), x_col)
+            col = tl.minimum(col, found)
+            carry += tl.max(running, axis=0)
+    return tl.where(col == never, fallback, col), tl.where(col == never, x_fallback, x_col)
 
 
 @triton.jit
@@ -416,25 +429,23 @@ def _write_row(
         j_top = tl.min(tl.where(valid & (m_j == m), j, BLOCK_S), axis=0)
         top1_col = tl.sum(tl.where(j == j_top, col_j, 0), axis=0)
         top2 = tl.maximum(tl.max(top2_j, axis=0), tl.max(tl.where(j == j_top, float("-inf"), m_j), axis=0))
-        # the argmax's own lane: the columns congruent to it modulo BLOCK_V (splits start at multiples of it)
+        # the argmax's own lane: the columns congruent to it modulo BLOCK_V (splits start at multiples of it),
+        # read now and used after the draw, whose own reads are then in flight at the same time
         same_lane = top1_col % BLOCK_V + tl.arange(0, N_TILES) * BLOCK_V
         x_lane = tl.load(row_ptr + same_lane, mask=(same_lane < vocab) & (same_lane != top1_col),
                          other=float("-inf")).to(tl.float32)
+        col = top1_col  # greedy: the argmax, whose logit is m
+        x_col = m
+        if SAMPLE:
+            col, x_col = _sample(row_ptr, row64, group_sum, mc, vocab, c, t_ratio, seed_hi, seed_lo, top1_col, m,
+                                 BLOCK_V, GROUPS, N_TILES)
         top2 = tl.maximum(top2, tl.max(x_lane, axis=0))
         e_top1 = tl.exp2(tl.fma(m, c, -mc))  # 1 up to the rounding of m * c, as in d
-        top1_prob = e_top1 / d
-        tl.store(top1_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
+        tl.store(top1_prob_ptr + row64, tl.where(invalid, nan, e_top1 / d))
         tl.store(margin_ptr + row64, tl.where(invalid, nan, (e_top1 - tl.exp2(tl.fma(top2, c, -mc))) / d))
         tl.store(argmax_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
-        if SAMPLE:
-            col = _sample(row_ptr, row64, group_sum, mc, vocab, c, t_ratio, seed_hi, seed_lo, top1_col,
-                          BLOCK_V, GROUPS, N_TILES)
-            x_s = tl.load(row_ptr + tl.where(invalid, 0, col)).to(tl.float32)
-            tl.store(sampled_ptr + row64, tl.where(invalid, -1, col).to(tl.int64))
-            tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, tl.exp2(tl.fma(x_s, c, -mc)) / d))
-        else:
-            tl.store(sampled_ptr + row64, tl.where(invalid, -1, top1_col).to(tl.int64))
-            tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, top1_prob))
+        tl.store(sampled_ptr + row64, tl.where(invalid, -1, col).to(tl.int64))
+        tl.store(sampled_prob_ptr + row64, tl.where(invalid, nan, tl.exp2(tl.fma(x_col, c, -mc)) / d))
 
 
 @triton.jit

@@ -92,6 +92,21 @@ def test_real_vocab_sizes(backend, gen, vocab, dtype):
     assert math.isclose(stats.entropy[2].item(), math.log(vocab), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [126464, 152064])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_prob_is_the_probability_of_the_sampled_column(backend, gen, vocab, dtype):
+    """At real vocabularies the Triton draw reads the chosen lane group in one chunk (bf16) or four (float32),
+    and reports the logit it read there: wrong if it took another column's (or chunk's) logit."""
+    logits = (torch.randn(4, vocab, generator=gen) * 2).to(dtype)
+    logits[1, torch.randint(0, vocab, (8,), generator=gen)] = 9.0  # a few likely columns
+    probs = reference.token_stats(logits)["probs"]
+    for temperature in (1.0, 0.7):
+        stats = token_stats(logits.to(DEVICE), temperature=temperature, seed=11, backend=backend)
+        expected = probs.gather(1, stats.sampled.cpu()[:, None]).squeeze(1)
+        torch.testing.assert_close(stats.sampled_prob.cpu().double(), expected, **TOL[dtype],
+                                   msg=f"T={temperature}")
+
+
 def test_leading_shape_and_strides(backend, gen):
     vocab = 300
     base = torch.randn(4, 6, vocab + 9, generator=gen).to(DEVICE)
