@@ -5,6 +5,8 @@
 #   smoke     CUDA correctness of every op against float64 (at most SMOKE_S=150 s)
 #   compare   when .baseline/kernels_old exists (python -m benchmarks.bench_ab --prepare <ref>, before the call): that
 #             commit's statistics pass against this one, interleaved
+#   native    atpo-train (configs/llada_lora.yaml) on a LLaDA-layout folder at LLaDA-8B's shape, random weights,
+#             loaded natively (16 GB written to $ATPO_NATIVE_DIR or /tmp first)
 #   tokens    token_stats bf16, N = 64..16384, T = 0 and 1, against eager and torch.compile, % of a copy
 #   layouts   the vocabulary pass's launch layouts side by side (tile, warps, prefetch, splits)
 #   rollout   generate's cache modes none / prefix / dual at LLaDA-8B's shape (random weights), batch 64
@@ -24,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-540}
-STAGES=${STAGES:-build smoke compare tokens layouts rollout memory logprobs rows tests}
+STAGES=${STAGES:-build smoke compare native tokens layouts rollout memory logprobs rows tests}
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATPO_RESULTS_DIR="$OUT" MAX_JOBS=${MAX_JOBS:-16}
@@ -63,6 +65,10 @@ if want smoke; then
 fi
 if [ -d .baseline/kernels_old ] && want compare; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_ab 2>&1 | tee "$OUT/gpu_compare.log" | tail -12
+fi
+if want native; then
+    timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_native 2>&1 | grep -v '^\[transformers\]' \
+        | tee "$OUT/gpu_native.log" | tail -12
 fi
 if want tokens; then
     timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_token_stats 2>&1 | tee "$OUT/gpu_tokens.log" | tail -25

@@ -163,3 +163,16 @@ def test_memory_measurement_runs_one_setting():
     got = bench_memory.measure("lora", True, bench_memory.QUICK_SHAPE, bench_memory.QUICK_PLAN)
     assert {"rollout", "old_logprobs", "update", "update_s_single_pass", "update_s_two_pass"} <= set(got)
     assert got["rows"] == bench_memory.QUICK_PLAN["micro"] and got["length"] > bench_memory.QUICK_PLAN["gen_length"]
+
+
+def test_native_bench_quick(tmp_path, monkeypatch):
+    """configs/llada_lora.yaml runs on a LLaDA-layout folder loaded natively, and a random model scores on the
+    parity task well enough that the update runs (the GPU check does the same at LLaDA-8B's shape)."""
+    from benchmarks import bench_native
+
+    monkeypatch.setenv("ATPO_NATIVE_DIR", str(tmp_path))
+    (row,) = bench_native.main(quick=True)
+    assert (tmp_path / "llada" / "model.safetensors.index.json").is_file()
+    assert row["updated"] and 0 < row["reward"] < 1 and row["rollout_time"] > 0 and row["update_time"] > 0
+    config = (tmp_path / "native" / "config.yaml").read_text()
+    assert "implementation: native" in config and "cache: dual" in config

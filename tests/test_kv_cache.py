@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from atpo_fast import generate
 from atpo_fast.models import TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
 from atpo_fast.models.kv_cache import BlockCache, _LeadingRowsLayer, _last_layer_output_at_leading_rows
-from test_native import write_checkpoint
+from atpo_fast.models.synthetic import write_checkpoint
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_length=64)
 

@@ -14,10 +14,11 @@ from atpo_fast.config import LoraConfig, ModelConfig, load_config
 from atpo_fast.export import write_family_layout
 from atpo_fast.models import TinyDiffusionLM, load_hf_diffusion_lm
 from atpo_fast.models.lora import add_lora, enable_activation_checkpointing
+from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.run import train
 from atpo_fast.trainer import Trainer, build_task
 from atpo_fast.warmstart import warm_start
-from test_native import batch, write_checkpoint
+from test_native import batch
 from test_trainer import SMALL, assert_resume_equals_uninterrupted_run, small_config
 
 fused_module = importlib.import_module("atpo_fast.ops.fused_linear_logprobs")

@@ -1,95 +1,18 @@
 """LLaDA and Dream checkpoints loaded natively (no remote code) against a float64 forward written here
 from the architecture: tiny random checkpoints in each family's real on-disk layout (real config
-fields and tensor names, two safetensors shards and their index, a tokenizer, no modeling file)."""
+fields and tensor names, two safetensors shards and their index, a tokenizer, no modeling file;
+atpo_fast.models.synthetic)."""
 
 import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
 
 from atpo_fast.models import load_hf_diffusion_lm
+from atpo_fast.models.synthetic import TINY, write_checkpoint
 
-SHAPE = dict(hidden=32, layers=2, heads=4, kv_heads=2, mlp=48, max_length=64)
-LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
-
-
-def llada_config(vocab: int) -> dict:
-    return {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": SHAPE["hidden"],
-            "n_layers": SHAPE["layers"], "n_heads": SHAPE["heads"], "n_kv_heads": SHAPE["kv_heads"],
-            "mlp_hidden_size": SHAPE["mlp"], "mlp_ratio": 4, "vocab_size": vocab, "embedding_size": vocab,
-            "max_sequence_length": SHAPE["max_length"], "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-            "mask_token_id": 126336, "eos_token_id": 2, "pad_token_id": 0, "weight_tying": False,
-            "include_bias": False, "include_qkv_bias": False, "block_type": "llama", "activation_type": "silu",
-            "alibi": False, "rope": True, "scale_logits": False, "layer_norm_type": "rms",
-            "attention_layer_norm": False, "input_emb_norm": False, "use_cache": False}
-
-
-def dream_config(vocab: int) -> dict:
-    return {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": SHAPE["hidden"],
-            "num_hidden_layers": SHAPE["layers"], "num_attention_heads": SHAPE["heads"],
-            "num_key_value_heads": SHAPE["kv_heads"], "intermediate_size": SHAPE["mlp"], "vocab_size": vocab,
-            "max_position_embeddings": SHAPE["max_length"], "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "mask_token_id": 151666, "pad_token_id": 0, "eos_token_id": 2, "tie_word_embeddings": False,
-            "use_sliding_window": False, "rope_scaling": None, "hidden_act": "silu"}
-
-
-def random_weights(family: str, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Tensors under the family's own names (std 0.2, norms around 1)."""
-    h, m, head_dim = SHAPE["hidden"], SHAPE["mlp"], SHAPE["hidden"] // SHAPE["heads"]
-    kv = SHAPE["kv_heads"] * head_dim
-
-    def w(*shape):
-        return torch.randn(*shape, generator=gen) * 0.2
-
-    def norm():
-        return 1 + torch.randn(h, generator=gen) * 0.1
-
-    out = {}
-    if family == "llada":
-        out.update({"model.transformer.wte.weight": w(vocab, h), "model.transformer.ln_f.weight": norm(),
-                    "model.transformer.ff_out.weight": w(vocab, h)})
-        for i in range(SHAPE["layers"]):
-            p = f"model.transformer.blocks.{i}."
-            out.update({p + "attn_norm.weight": norm(), p + "q_proj.weight": w(h, h), p + "k_proj.weight": w(kv, h),
-                        p + "v_proj.weight": w(kv, h), p + "attn_out.weight": w(h, h), p + "ff_norm.weight": norm(),
-                        p + "ff_proj.weight": w(m, h), p + "up_proj.weight": w(m, h), p + "ff_out.weight": w(h, m)})
-    else:
-        out.update({"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": norm(),
-                    "lm_head.weight": w(vocab, h)})
-        for i in range(SHAPE["layers"]):
-            p = f"model.layers.{i}."
-            out.update({p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
-                        p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.q_proj.bias": w(h),
-                        p + "self_attn.k_proj.weight": w(kv, h), p + "self_attn.k_proj.bias": w(kv),
-                        p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.v_proj.bias": w(kv),
-                        p + "self_attn.o_proj.weight": w(h, h), p + "mlp.gate_proj.weight": w(m, h),
-                        p + "mlp.up_proj.weight": w(m, h), p + "mlp.down_proj.weight": w(h, m)})
-    return out
-
-
-def write_checkpoint(folder, family: str, gen: torch.Generator, dtype=torch.float32, **config_changes) -> dict:
-    """The checkpoint folder (config.json, two shards + index, tokenizer); returns its tensors."""
-    vocab = LLADA_VOCAB if family == "llada" else DREAM_VOCAB
-    config = {**(llada_config(vocab) if family == "llada" else dream_config(vocab)), **config_changes}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    weights = {k: v.to(dtype) for k, v in random_weights(family, vocab, gen).items()}
-    names = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for file, keys in shards.items():
-        save_file({k: weights[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
-             "weight_map": {k: file for file, keys in shards.items() for k in keys}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    words = {f"w{i}": i for i in range(8)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="w0")), pad_token="w0",
-                            eos_token="w2").save_pretrained(folder)
-    return weights
+SHAPE = TINY
 
 
 # ----------------------------------------------------------------------------- the float64 forward

@@ -11,6 +11,7 @@ import atpo_fast.trainer as trainer_module
 from atpo_fast import checkpoint
 from atpo_fast.cli import eval_main, train_main
 from atpo_fast.config import load_config
+from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.run import train
 from atpo_fast.trainer import Trainer
 from atpo_fast.warmstart import warm_start
@@ -123,7 +124,6 @@ def test_llada_config_runs_a_small_checkpoint(tmp_path, gen, implementation):
     """configs/llada.yaml with --model and --task jsonl, wired end to end on CPU: a tiny checkpoint in
     LLaDA's layout (native), or a stand-in with its own modeling file (remote)."""
     from test_models import make_checkpoint
-    from test_native import write_checkpoint
 
     model_dir = tmp_path / "llada"
     if implementation == "native":
