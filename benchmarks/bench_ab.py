@@ -9,7 +9,7 @@ medians with the spread; the outputs of the two are compared too (identical unle
     python -m benchmarks.bench_ab                  # on the GPU: writes benchmarks/results/token_stats_ab_cuda_<date>.*
 
 .baseline/ is ignored by git: name it in the device tool's carry (with .whl). gpu_run.sh runs the stage when
-.baseline/kernels_old exists.
+.baseline/kernels_old exists; it also runs without an install (STAGES=compare skips the 100 s build).
 """
 
 from __future__ import annotations
@@ -53,9 +53,22 @@ def _percent_range(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 
 
+def _kernels_without_install() -> None:
+    """Make atpo_fast.kernels importable in a bare copy of the repository (the device tool's, before or without
+    gpu_run.sh's build stage): it is the repository's kernels/ folder, which only an install maps there."""
+    try:
+        import atpo_fast.kernels  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(REPO))
+        import kernels
+
+        sys.modules["atpo_fast.kernels"] = kernels
+
+
 def main() -> list[dict]:
     from triton.testing import do_bench_cudagraph
 
+    _kernels_without_install()
     sys.path.insert(0, str(BASELINE))
     from kernels_old.token_stats import softmax_row_stats as old
 
