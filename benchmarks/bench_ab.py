@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,9 +34,9 @@ COLUMNS = ["N", "T", "old_pct_of_copy", "new_pct_of_copy", "new_vs_old", "old_ra
            "outputs_identical"]
 
 
-def prepare(ref: str) -> None:
-    """Write the kernels/ folder of commit `ref` to .baseline/kernels_old (a package: its relative imports hold)."""
-    target = BASELINE / "kernels_old"
+def prepare(ref: str, target: Path = BASELINE / "kernels_old") -> None:
+    """Write the kernels/ folder of commit `ref` to target (a package: its relative imports hold), and the
+    commit's hash to target/REF."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     names = subprocess.run(["git", "ls-tree", "--name-only", f"{ref}:kernels"], cwd=REPO, check=True,

@@ -176,3 +176,21 @@ def test_native_bench_quick(tmp_path, monkeypatch):
     assert row["updated"] and 0 < row["reward"] < 1 and row["rollout_time"] > 0 and row["update_time"] > 0
     config = (tmp_path / "native" / "config.yaml").read_text()
     assert "implementation: native" in config and "cache: dual" in config
+
+
+def test_ab_bench_prepares_an_importable_older_kernels_package(tmp_path):
+    """bench_ab's baseline: a commit's kernels/ as a package that imports beside the working tree's (no GPU)."""
+    import importlib
+    import subprocess
+
+    from benchmarks.bench_ab import prepare
+
+    prepare("HEAD", tmp_path / "kernels_old")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert (tmp_path / "kernels_old" / "REF").read_text().strip() == head
+    sys.path.insert(0, str(tmp_path))
+    try:
+        old = importlib.import_module("kernels_old.token_stats")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert callable(old.softmax_row_stats) and old.softmax_row_stats.__module__ == "kernels_old.token_stats"
