@@ -163,3 +163,12 @@ def test_unknown_implementation(tmp_path, gen):
     with pytest.raises(ValueError, match="implementation must be one of"):
         load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", dtype=torch.float32, device="cpu",
                              implementation="jax")
+
+
+@pytest.mark.parametrize("bad, message", [(dict(family="gpt2"), "family must be one of"),
+                                          (dict(shards=0), "shards must be a positive int"),
+                                          (dict(shape={"hidden": 8}), "shape lacks")])
+def test_synthetic_checkpoint_refuses_bad_arguments_by_name(tmp_path, gen, bad, message):
+    args = {"family": "llada", **bad}
+    with pytest.raises(ValueError, match=message):
+        write_checkpoint(tmp_path / "x", args.pop("family"), gen, **args)

@@ -94,6 +94,11 @@ def write_checkpoint(folder: str | Path, family: str, gen: torch.Generator, dtyp
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
 
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be a positive int, got {shards!r}")
+    missing = sorted(set(TINY) - set(shape))
+    if missing:
+        raise ValueError(f"shape lacks {missing} (it needs the keys of TINY: {sorted(TINY)})")
     folder = Path(folder)
     config = {**family_config(family, shape), **config_changes}
     folder.mkdir(parents=True, exist_ok=True)
