@@ -3,7 +3,7 @@
 What a user with a real checkpoint runs, end to end: a folder in LLaDA's own layout (config.json, safetensors
 shards under LLaDA's tensor names with their index, a tokenizer; atpo_fast.models.synthetic) is loaded by the
 native loader, and `atpo-train --config configs/llada_lora.yaml` (LoRA, activation checkpointing, the config's KV
-cache) runs iterations of ATPO on it. The weights are random, so the task is one a random model can score on:
+cache) runs an iteration of ATPO on it. The weights are random, so the task is one a random model can score on:
 `parity`, registered here (reward 1 when the response's last number is even; the tokenizer's words are the ids
 as numbers). Reported: the folder's write time and size, the run's wall time, and per iteration the rollout
 time, tokens/s, update time, peak memory and whether the update ran.
@@ -31,7 +31,7 @@ from benchmarks.common import machine_info, print_table, write_results
 
 COLUMNS = ["iteration", "rollout_time", "tokens_per_second", "update_time", "peak_memory_mb", "updated", "reward",
            "rollout_logprob_gap"]
-CUDA_RUN = ["device=cuda", "model.dtype=bfloat16", "optim.iterations=2", "optim.prompts_per_iter=8",
+CUDA_RUN = ["device=cuda", "model.dtype=bfloat16", "optim.iterations=1", "optim.prompts_per_iter=8",
             "optim.group_size=8", "eval.size=8", "eval.pass_k=0"]
 QUICK_RUN = ["device=cpu", "model.dtype=float32", "optim.iterations=1", "optim.prompts_per_iter=2",
              "optim.group_size=4", "optim.micro_batch_rows=8", "sampler.gen_length=8", "sampler.block_length=4",
