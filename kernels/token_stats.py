@@ -355,16 +355,17 @@ def _sample(row_ptr, row64, group_sum, mc_max, vocab, c, t_ratio, seed_hi, seed_
         threshold = u_column * tl.max(running, axis=0)
         col = tl.min(tl.where((running >= threshold) & (e > 0), lanes, never), axis=0)
         x_col = tl.max(tl.where(lanes == col, x, float("-inf")), axis=0)
-    else:  # the total first, then the column, chunk by chunk
+    else:  # the total first, then the column, chunk by chunk (up to the last tile that holds a column)
+        real_tiles = tl.cdiv(vocab, BLOCK_V)
         total = 0.0
-        for start in tl.range(0, N_TILES, RESCAN_TILES):
+        for start in tl.range(0, real_tiles, RESCAN_TILES):
             _, e = _terms(row_ptr, start * BLOCK_V + lanes, vocab, c, mc_max, t_ratio)
             total += tl.max(tl.cumsum(e, axis=0), axis=0)
         threshold = u_column * total
         col = never
         x_col = float("-inf")
         carry = 0.0
-        for start in tl.range(0, N_TILES, RESCAN_TILES):
+        for start in tl.range(0, real_tiles, RESCAN_TILES):
             cols = start * BLOCK_V + lanes
             x, e = _terms(row_ptr, cols, vocab, c, mc_max, t_ratio)
             running = tl.cumsum(e, axis=0)  # the chunk's running sum; its last entry is what the total added

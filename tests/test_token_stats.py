@@ -95,8 +95,9 @@ def test_real_vocab_sizes(backend, gen, vocab, dtype):
 @pytest.mark.parametrize("vocab", [126464, 152064])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sampled_prob_is_the_probability_of_the_sampled_column(backend, gen, vocab, dtype):
-    """At real vocabularies the Triton draw reads the chosen lane group in one chunk (bf16) or four (float32),
-    and reports the logit it read there: wrong if it took another column's (or chunk's) logit."""
+    """At real vocabularies the Triton draw reads the chosen lane group in one chunk (bf16 at 126464), two (bf16 at
+    152064) or four to five (float32), and reports the logit it read there: wrong if it took another column's (or
+    chunk's) logit."""
     logits = (torch.randn(4, vocab, generator=gen) * 2).to(dtype)
     logits[1, torch.randint(0, vocab, (8,), generator=gen)] = 9.0  # a few likely columns
     probs = reference.token_stats(logits)["probs"]
