@@ -12,8 +12,6 @@ import torch
 from atpo_fast.models import load_hf_diffusion_lm
 from atpo_fast.models.synthetic import TINY, write_checkpoint
 
-SHAPE = TINY
-
 
 # ----------------------------------------------------------------------------- the float64 forward
 
@@ -57,11 +55,11 @@ def reference_logits(family: str, weights: dict, config: dict, ids: torch.Tensor
                         biases=[t[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
         embed, final_norm, head = t["model.embed_tokens.weight"], t["model.norm.weight"], t["lm_head.weight"]
     batch, length = ids.shape
-    heads, kv_heads = SHAPE["heads"], SHAPE["kv_heads"]
-    head_dim = SHAPE["hidden"] // heads
+    heads, kv_heads = TINY["heads"], TINY["kv_heads"]
+    head_dim = TINY["hidden"] // heads
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     x = embed[ids]
-    for i in range(SHAPE["layers"]):
+    for i in range(TINY["layers"]):
         w = parts(i)
         h = rms_norm(x, w["ln1"], eps)
         q, k, v = h @ w["q"].T, h @ w["k"].T, h @ w["v"].T

@@ -18,7 +18,7 @@ import torch
 TINY = dict(hidden=32, layers=2, heads=4, kv_heads=2, mlp=48, max_length=64)
 LLADA_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=32, mlp=12288, max_length=4096)
 LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
-FAMILIES = ("llada", "dream")
+VOCAB = {"llada": LLADA_VOCAB, "dream": DREAM_VOCAB}  # the real checkpoints' vocabularies, by family
 
 
 def family_config(family: str, shape: dict = TINY) -> dict:
@@ -39,7 +39,7 @@ def family_config(family: str, shape: dict = TINY) -> dict:
                 "max_position_embeddings": shape["max_length"], "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                 "mask_token_id": 151666, "pad_token_id": 0, "eos_token_id": 2, "tie_word_embeddings": False,
                 "use_sliding_window": False, "rope_scaling": None, "hidden_act": "silu"}
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    raise ValueError(f"family must be one of {tuple(VOCAB)}, got {family!r}")
 
 
 def random_weights(family: str, gen: torch.Generator, shape: dict = TINY, std: float = 0.2,
@@ -48,7 +48,7 @@ def random_weights(family: str, gen: torch.Generator, shape: dict = TINY, std: f
     one tensor at a time and kept on the CPU in `dtype` (LLaDA-8B's 8.0e9 values: 16 GB in bfloat16)."""
     h, m, head_dim = shape["hidden"], shape["mlp"], shape["hidden"] // shape["heads"]
     kv = shape["kv_heads"] * head_dim
-    vocab = LLADA_VOCAB if family == "llada" else DREAM_VOCAB
+    vocab = VOCAB[family]
 
     def w(*size):
         return (torch.randn(*size, generator=gen, device=gen.device) * std).to(dtype).cpu()
@@ -111,8 +111,7 @@ def write_checkpoint(folder: str | Path, family: str, gen: torch.Generator, dtyp
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
              "weight_map": {k: file for file, keys in files.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    vocab = LLADA_VOCAB if family == "llada" else DREAM_VOCAB
-    words = {str(i): i for i in range(vocab)} if numbers else {f"w{i}": i for i in range(8)}
+    words = {str(i): i for i in range(VOCAB[family])} if numbers else {f"w{i}": i for i in range(8)}
     pad, eos = ("0", "2") if numbers else ("w0", "w2")
     tokenizer = Tokenizer(WordLevel(words, unk_token=pad))
     if numbers:
