@@ -199,7 +199,7 @@ def generate(
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     step = 0
-    with model.prepacked_head():  # the LM head's weight laid out once for the rollout (CPU)
+    with model.prepacked_weights():  # the linear layers laid out once for the rollout (CPU float32)
         for block in range(num_blocks):
             window = slice(prompt_len + block * block_length, prompt_len + (block + 1) * block_length)
             schedule = transfer_schedule((tokens[:, window] == model.mask_id).sum(1), steps_per_block)

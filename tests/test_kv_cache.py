@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from atpo_fast import generate
 from atpo_fast.models import TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
-from atpo_fast.models.kv_cache import BlockCache, _LeadingRowsLayer, _last_layer_output_at_leading_rows
+from atpo_fast.models.kv_cache import BlockCache, _last_layer_output_at_rows, _RowsLayer
 from atpo_fast.models.synthetic import write_checkpoint
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_length=64)
@@ -105,16 +105,18 @@ def test_refreshing_every_step_is_the_exact_sampler(gen):
         generate(model, prompt, cache="dual", cache_refresh=0, **kwargs)
 
 
-def test_prefix_steps_trim_the_last_layer_unless_fsdp_shards_it():
-    """A prefix step's last layer returns the block's rows only (the cache tests above check its values);
-    dual reads every query, and a layer sharded by FSDP2 must run its own forward (it gathers its weights)."""
+def test_steps_and_block_starts_trim_the_last_layer_unless_fsdp_shards_it():
+    """A block start's and a prefix step's last layer return the block's rows only (the cache tests above check
+    their values); dual reads every query, and a layer sharded by FSDP2 must run its own forward (it gathers
+    its weights)."""
     backbone = TinyDiffusionLM(TINY).eval().backbone
     last = backbone.layers[-1]
-    with _last_layer_output_at_leading_rows(backbone, 2, 5, DynamicCache()):
-        assert isinstance(backbone.layers[-1], _LeadingRowsLayer) and backbone.layers[-1].layer is last
-    assert backbone.layers[-1] is last
-    with _last_layer_output_at_leading_rows(backbone, 5, 5, DynamicCache()):  # dual: every query is read
+    for rows in (slice(0, 2), slice(3, 5), slice(1, 4)):
+        with _last_layer_output_at_rows(backbone, rows, 5, DynamicCache()):
+            assert isinstance(backbone.layers[-1], _RowsLayer) and backbone.layers[-1].layer is last
+        assert backbone.layers[-1] is last
+    with _last_layer_output_at_rows(backbone, slice(0, 5), 5, DynamicCache()):  # dual: every query is read
         assert backbone.layers[-1] is last
     last.unshard = lambda: None  # what fully_shard gives a module
-    with _last_layer_output_at_leading_rows(backbone, 2, 5, DynamicCache()):
+    with _last_layer_output_at_rows(backbone, slice(3, 5), 5, DynamicCache()):
         assert backbone.layers[-1] is last

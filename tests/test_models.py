@@ -27,19 +27,32 @@ def test_tokenizer_round_trip():
         tok.encode("naïve")
 
 
+def _packed(module) -> bool:
+    return "forward" in vars(module)
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_prepacked_head_gives_f_linear_logits(bias):
-    """Inside prepacked_head a CPU float32 head answers no-grad calls from a weight laid out once: F.linear's
-    logits within rounding (an odd vocabulary, odd row counts); with gradients, and after the block, F.linear's
-    own; a weight changed after the block is the one used; a small head is not laid out."""
+def test_prepacked_weights_give_f_linear_values(bias, monkeypatch):
+    """Inside prepacked_weights the CPU float32 nn.Linear layers of at least MIN_PREPACKED_WEIGHT elements (the
+    LM head and the decoder's larger projections) answer no-grad calls from a weight laid out once: F.linear's
+    values within rounding (an odd vocabulary, odd row counts, 3-d and strided inputs); with gradients, and
+    after the block, F.linear's own; a weight changed after the block is the one used; smaller layers, a nested
+    block and weights that would not fit in half the available memory are left alone."""
     gen = torch.Generator().manual_seed(0)
-    vocab = 1 << 13 | 5  # 8197 x 32: at least MIN_PREPACKED_HEAD elements
-    model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+    vocab = 1 << 13 | 5  # 8197 x 32: at least MIN_PREPACKED_WEIGHT elements
+    model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=8192,
                                        max_length=48, vocab_size=vocab))
     model.head = torch.nn.Linear(32, vocab, bias=bias)
-    assert model.head.weight.numel() >= base.MIN_PREPACKED_HEAD
-    with model.prepacked_head():
-        assert model._prepacked_head is not None
+    mlp = model.backbone.layers[0].mlp
+    large = [model.head, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    assert all(m.weight.numel() >= base.MIN_PREPACKED_WEIGHT for m in large)
+    small = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m not in large]
+    assert small and all(m.weight.numel() < base.MIN_PREPACKED_WEIGHT for m in small)
+    with model.prepacked_weights():
+        assert all(map(_packed, large)) and not any(map(_packed, small))
+        with model.prepacked_weights():  # the outer block keeps the layers
+            pass
+        assert all(map(_packed, large))
         for rows in (1, 7, 66):
             hidden = torch.randn(rows, 32, generator=gen)
             want = torch.nn.functional.linear(hidden.double(), model.head.weight.double(),
@@ -48,22 +61,26 @@ def test_prepacked_head_gives_f_linear_logits(bias):
                 got = model.head_logits(hidden)
             assert got.shape == (rows, vocab) and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        strided = torch.randn(3, 11, 8192, generator=gen)[:, 2:9]
+        with torch.no_grad():
+            got = mlp.down_proj(strided)
+        torch.testing.assert_close(got.double(), torch.nn.functional.linear(
+            strided.double(), mlp.down_proj.weight.double()), rtol=1e-5, atol=1e-5)
         hidden.requires_grad_(True)
         with_grad = model.head_logits(hidden)
         assert torch.equal(with_grad, torch.nn.functional.linear(hidden, model.head.weight, model.head.bias))
-    assert model._prepacked_head is None
+    assert not any(map(_packed, large))
     with torch.no_grad():
         model.head.weight.mul_(2)
         assert torch.equal(model.head_logits(hidden), torch.nn.functional.linear(hidden, model.head.weight,
                                                                                  model.head.bias))
-    small = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                       max_length=48))
-    with small.prepacked_head():
-        assert small._prepacked_head is None
+    monkeypatch.setattr(base, "_available_memory", lambda: 2 * sum(m.weight.numel() * 4 for m in large) - 1)
+    with model.prepacked_weights():
+        assert not any(map(_packed, large))
 
 
-def test_generate_uses_the_prepacked_head(monkeypatch):
-    """generate() lays the LM head out once per rollout: every step's head call sees it, and the rollout
+def test_generate_uses_the_prepacked_weights(monkeypatch):
+    """generate() lays the linear layers out once per rollout: every step's head call sees it, and the rollout
     is the one F.linear gives (same greedy tokens, the trace within 1e-5)."""
     torch.manual_seed(0)
     model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -71,7 +88,7 @@ def test_generate_uses_the_prepacked_head(monkeypatch):
     seen, head = [], model.head_logits
 
     def spy(hidden):
-        seen.append(model._prepacked_head is not None)
+        seen.append(_packed(model.head))
         return head(hidden)
 
     model.head_logits = spy
@@ -79,7 +96,7 @@ def test_generate_uses_the_prepacked_head(monkeypatch):
     kwargs = dict(gen_length=12, block_length=4, steps=6)
     packed = generate(model, prompt, **kwargs)
     assert seen == [True] * 6
-    monkeypatch.setattr(base, "MIN_PREPACKED_HEAD", 1 << 62)
+    monkeypatch.setattr(base, "MIN_PREPACKED_WEIGHT", 1 << 62)
     plain = generate(model, prompt, **kwargs)
     assert seen == [True] * 6 + [False] * 6
     assert torch.equal(packed.tokens, plain.tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,33 @@ def decode_until_eos(tokenizer, ids: torch.Tensor, eos_id: int | None) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-# the smallest LM-head weight (elements) that DiffusionLM.prepacked_head lays out for oneDNN: on 2 CPU
-# cores a call on the laid-out weight cost ~12 us more than F.linear at 44 x 32 and ran 0.72x its time
-# at 1000 x 256 (16 rows)
-MIN_PREPACKED_HEAD = 1 << 18
+# the smallest nn.Linear weight (elements) that DiffusionLM.prepacked_weights lays out for oneDNN. On 2 Intel
+# Xeon cores (torch 2.13), the laid-out weight against F.linear: 0.58-0.87x the time below it (128 x 512 at
+# 16-512 rows), 0.91-1.25x at 256 x 1024, 1.11-1.18x at 1024 x 2816 and 128 rows, 1.0x at 1536 rows
+MIN_PREPACKED_WEIGHT = 1 << 18
+
+
+class _PrepackedLinear:
+    """An nn.Linear's forward that multiplies no-grad CPU inputs of the weight's dtype by a copy of the
+    weight laid out once for oneDNN (torch.ops.mkldnn._reorder_linear_weight); other calls go to F.linear."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if x.device.type == "cpu" and x.dtype == self.packed.dtype and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, linear.bias, "none", [], "")
+        return F.linear(x, linear.weight, linear.bias)
+
+
+def _available_memory() -> float:
+    """Bytes of memory the system reports available (inf where it does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
 
 
 class DiffusionLM(nn.Module):
@@ -83,7 +107,6 @@ class DiffusionLM(nn.Module):
     eos_id: int | None = None
     pad_id: int = 0
     shift: bool = False
-    _prepacked_head: torch.Tensor | None = None  # the LM head's weight laid out for oneDNN (prepacked_head)
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -144,31 +167,37 @@ class DiffusionLM(nn.Module):
         return self.head_logits(self.hidden_states(input_ids, attention_mask)[batch_index, positions])
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on hidden [R, D]: logits [R, V] in hidden's dtype, F.linear's values (inside
-        prepacked_head, without gradients, a CPU float32 head gives them within rounding)."""
-        head = self.lm_head
-        packed = self._prepacked_head
-        if packed is not None and hidden.device.type == "cpu" and hidden.dtype == packed.dtype \
-                and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(hidden, packed, head.bias, "none", [], "")
-        return F.linear(hidden, head.weight, head.bias)
+        """The LM head on hidden [R, D]: logits [R, V] in hidden's dtype, F.linear's values (within rounding
+        inside prepacked_weights, for no-grad calls on a CPU float32 head)."""
+        return self.lm_head(hidden)
 
     @contextlib.contextmanager
-    def prepacked_head(self):
-        """Within: head_logits' no-grad calls on a CPU float32 LM head multiply by a copy of its weight
-        laid out once in oneDNN's blocked format (torch.ops.mkldnn._reorder_linear_weight), instead of
-        F.linear laying it out again at every call. generate() holds one for each rollout. On a 2-core
-        Intel Xeon, LLaDA's 126464 x 1024 head over one block's steps (128, 124, ..., 4 rows) took
-        2.37 s against 2.91 s with F.linear (same values within 3e-6). The copy costs the weight's size
-        in memory, and one pass over it (0.12 s there); the weight must not change inside. Elsewhere
-        (CUDA, 16-bit or small heads, a torch without oneDNN) nothing changes.
+    def prepacked_weights(self):
+        """Within: no-grad calls of the model's CPU float32 nn.Linear layers (the LM head and the decoder
+        layers' projections) multiply by a copy of their weight laid out once in oneDNN's blocked format,
+        instead of F.linear laying it out again at every call. generate() holds one for each rollout.
+
+        On a 2-core Intel Xeon, LLaDA's 126464 x 1024 head over one block's steps (128, 124, ..., 4 rows)
+        took 2.37 s against 2.91 s with F.linear, and a cached step's 128-row projections at width 1024
+        run 1.11-1.18x faster (values within rounding). The copies cost the weights' size in memory and
+        one pass over them; nothing is laid out when they would take more than half the memory the system
+        reports available. The weights must not change inside. Untouched: weights under MIN_PREPACKED_WEIGHT
+        elements (slower laid out), CUDA, 16-bit, sharded (DTensor) weights, a torch without oneDNN, and
+        layers an enclosing prepacked_weights already holds.
         """
-        weight = self.lm_head.weight
-        usable = (weight.device.type == "cpu" and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
-                  and weight.numel() >= MIN_PREPACKED_HEAD and torch.backends.mkldnn.is_available())
-        outer = self._prepacked_head
-        self._prepacked_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if usable else None
+        def usable(module: nn.Module) -> bool:
+            weight = getattr(module, "weight", None)
+            return (isinstance(module, nn.Linear) and "forward" not in vars(module)
+                    and weight.device.type == "cpu" and weight.dtype == torch.float32
+                    and type(weight.data) is torch.Tensor and weight.numel() >= MIN_PREPACKED_WEIGHT)
+
+        layers = [m for m in self.modules() if usable(m)] if torch.backends.mkldnn.is_available() else []
+        if sum(m.weight.numel() * m.weight.element_size() for m in layers) > _available_memory() / 2:
+            layers = []
+        for module in layers:
+            module.forward = _PrepackedLinear(module)
         try:
             yield
         finally:
-            self._prepacked_head = outer
+            for module in layers:
+                del module.forward

@@ -12,9 +12,10 @@ is handled at once: left padding stays masked and positions count from each row'
 token, as in the full forward. The keys and values stay in one buffer per layer in sequence
 order; each step writes its queries' own over the stored ones in place (on 2 CPU cores a dual step
 at the benchmark's shape took 9% less time than concatenating the kept ones with the new ones).
-A prefix step reads the final hidden states of the block alone, so its last decoder layer computes
-only the keys and values of the positions after the block (their queries, attention and MLP would
-feed nothing); the block's logits were bit-identical in a test at the benchmark's shape.
+The steps read the final hidden states of the block alone, so the last decoder layer of a block
+start's forward and of a prefix step computes only the keys and values of the other positions
+(their queries, attention and MLP would feed nothing); a prefix step's block logits were
+bit-identical in a test at the benchmark's shape.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from atpo_fast.choices import CACHE_MODES
-from atpo_fast.models.base import (DiffusionLM, bidirectional_hidden_states, positions_from_mask,
-                                   predicting_each_token)
+from atpo_fast.models.base import DiffusionLM, bidirectional_hidden_states, positions_from_mask
 
 
 class BlockCache:
@@ -62,8 +62,11 @@ class BlockCache:
         cache = DynamicCache()
         # transformers renamed forward's past_key_values to cache (5.2x); pass it under the name this one takes
         self.cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-        full = bidirectional_hidden_states(backbone, tokens, self.mask, use_cache=True, **{self.cache_arg: cache})
-        self.first_hidden = predicting_each_token(full) if model.shift else full  # the block's first step, exact
+        rows = slice(self.q0, window.stop)
+        with _last_layer_output_at_rows(backbone, rows, length, cache):
+            full = bidirectional_hidden_states(backbone, tokens, self.mask, use_cache=True, **{self.cache_arg: cache})
+        # the block's first step, exact: the final hidden states of the rows from q0 ([B, block_rows, D])
+        self.first_hidden = full[:, rows] if full.shape[1] == length else full
         # every position's keys and values stay where they are; a step overwrites its queries' own in place
         cache.layers = [_QueryWindowLayer(layer.keys, layer.values, self.q0) for layer in cache.layers]
         self.cache = cache
@@ -71,17 +74,16 @@ class BlockCache:
     def logits_at(self, tokens: torch.Tensor, batch_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [R, V] at (batch_index[r], positions[r]), positions inside the block."""
         if self.first_hidden is not None:
-            hidden, self.first_hidden = self.first_hidden[batch_index, positions], None
+            hidden, self.first_hidden = self.first_hidden, None
         else:
             batch, length = self.mask.shape
             keys = self.mask.bool()[:, None, None, :].expand(batch, 1, self.q1 - self.q0, length)
-            with _last_layer_output_at_leading_rows(self.backbone, self.block_rows, self.q1 - self.q0, self.cache):
-                out = self.backbone(input_ids=tokens[:, self.q0:self.q1], attention_mask=keys,
-                                    position_ids=self.positions[:, self.q0:self.q1],
-                                    use_cache=True, **{self.cache_arg: self.cache})
-            raw = (positions - int(self.model.shift)).clamp_min(0)  # the query that predicts each position
-            hidden = out.last_hidden_state[batch_index, raw - self.q0]
-        return self.model.head_logits(hidden)
+            with _last_layer_output_at_rows(self.backbone, slice(0, self.block_rows), self.q1 - self.q0, self.cache):
+                hidden = self.backbone(input_ids=tokens[:, self.q0:self.q1], attention_mask=keys,
+                                       position_ids=self.positions[:, self.q0:self.q1],
+                                       use_cache=True, **{self.cache_arg: self.cache}).last_hidden_state
+        raw = (positions - int(self.model.shift)).clamp_min(0)  # the query that predicts each position
+        return self.model.head_logits(hidden[batch_index, raw - self.q0])
 
 
 class _QueryWindowLayer(DynamicLayer):
@@ -102,42 +104,43 @@ class _QueryWindowLayer(DynamicLayer):
 
 
 @contextlib.contextmanager
-def _last_layer_output_at_leading_rows(backbone: nn.Module, rows: int, queries: int, cache: DynamicCache):
-    """Within the block: the backbone's last decoder layer returns the first `rows` of its `queries`
-    positions only, its keys and values going to `cache` (a prefix step reads the block's final hidden
-    states, not those of the positions after it). Nothing changes when every query is read (dual), nor
-    for a layer sharded by FSDP2, whose weights are gathered by its own forward, which this bypasses."""
+def _last_layer_output_at_rows(backbone: nn.Module, rows: slice, length: int, cache: DynamicCache):
+    """Within: the backbone's last decoder layer, given `length` positions, returns those of `rows` only,
+    every position's keys and values going to `cache`. The block's steps read the final hidden states of
+    the block alone: a block start's full forward and a prefix step's (block and what follows) need no
+    more. Nothing changes when every position is read (a dual step), nor for a layer sharded by FSDP2,
+    whose weights are gathered by its own forward, which this bypasses."""
     last = backbone.layers[-1]
-    if rows >= queries or hasattr(last, "unshard"):
+    if rows.stop - rows.start >= length or hasattr(last, "unshard"):
         yield
         return
-    backbone.layers[-1] = _LeadingRowsLayer(last, rows, cache)
+    backbone.layers[-1] = _RowsLayer(last, rows, cache)
     try:
         yield
     finally:
         backbone.layers[-1] = last
 
 
-class _LeadingRowsLayer(nn.Module):
-    """A Llama / Qwen2 decoder layer whose output covers only the first `rows` positions of its input.
+class _RowsLayer(nn.Module):
+    """A Llama / Qwen2 decoder layer whose output covers only the positions `rows` of its input.
 
-    Every position's keys and values are still computed and written to the cache (the leading rows
-    attend to them), but the queries, attention, output projection and MLP of the other positions are
-    skipped: of a prefix step over the block and the rest of the response, about 85% of the last
-    layer's work on the rows after the block. The leading rows get what the whole layer gives them.
+    Every position's keys and values are still computed and written to the cache (the rows attend to
+    them), but the queries, attention, output projection and MLP of the other positions are skipped:
+    of a block start's forward at the rollout benchmark's shape (a block of 32 in 384 positions), about
+    85% of the last layer's work. The rows get what the whole layer gives them.
     """
 
-    def __init__(self, layer: nn.Module, rows: int, cache: DynamicCache):
+    def __init__(self, layer: nn.Module, rows: slice, cache: DynamicCache):
         super().__init__()
         self.layer, self.rows, self.cache = layer, rows, cache
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **_) -> torch.Tensor:
-        layer, n = self.layer, self.rows
+        layer, rows = self.layer, self.rows
         attn = layer.self_attn
         family = sys.modules[type(attn).__module__]  # the model family's own RoPE and eager attention
         normed = layer.input_layernorm(hidden_states)
-        batch = normed.shape[0]
+        batch, n = normed.shape[0], rows.stop - rows.start
         cos, sin = position_embeddings
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H * Dh] -> [B, H, L, Dh]
@@ -148,11 +151,13 @@ class _LeadingRowsLayer(nn.Module):
             # cover different positions here, so each goes in alone (the pair's second half is dropped)
             return family.apply_rotary_pos_emb(x, x, cos[:, positions], sin[:, positions])[0]
 
-        query = rotated(heads(attn.q_proj(normed[:, :n])), slice(0, n))
+        query = rotated(heads(attn.q_proj(normed[:, rows])), rows)
         key = rotated(heads(attn.k_proj(normed)), slice(None))
         key, value = self.cache.update(key, heads(attn.v_proj(normed)), attn.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, family.eager_attention_forward)
-        mask = attention_mask[:, :, :n] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[2] > 1:  # [B, 1, queries, keys]
+            mask = mask[:, :, rows]
         out, _ = attend(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
-        hidden = hidden_states[:, :n] + attn.o_proj(out.reshape(batch, n, -1).contiguous())
+        hidden = hidden_states[:, rows] + attn.o_proj(out.reshape(batch, n, -1).contiguous())
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
