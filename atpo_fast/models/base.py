@@ -186,10 +186,9 @@ class DiffusionLM(nn.Module):
         layers an enclosing prepacked_weights already holds.
         """
         def usable(module: nn.Module) -> bool:
-            weight = getattr(module, "weight", None)
             return (isinstance(module, nn.Linear) and "forward" not in vars(module)
-                    and weight.device.type == "cpu" and weight.dtype == torch.float32
-                    and type(weight.data) is torch.Tensor and weight.numel() >= MIN_PREPACKED_WEIGHT)
+                    and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+                    and type(module.weight.data) is torch.Tensor and module.weight.numel() >= MIN_PREPACKED_WEIGHT)
 
         layers = [m for m in self.modules() if usable(m)] if torch.backends.mkldnn.is_available() else []
         if sum(m.weight.numel() * m.weight.element_size() for m in layers) > _available_memory() / 2:
