@@ -159,7 +159,7 @@ class DiffusionLM(nn.Module):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L, V]. Prefer logits_at: it applies the LM head to the needed positions only."""
-        return F.linear(self.hidden_states(input_ids, attention_mask), self.lm_head.weight, self.lm_head.bias)
+        return self.head_logits(self.hidden_states(input_ids, attention_mask))
 
     def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_index: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
