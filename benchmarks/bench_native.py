@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from atpo_fast.checkpoint import CONFIG
+from atpo_fast.config import read_yaml
 from atpo_fast.models.synthetic import LLADA_8B, TINY, write_checkpoint
 from atpo_fast.tasks import Example, Task, register_task
 from atpo_fast.tasks.jsonl import extract_number
@@ -81,10 +83,12 @@ def main(quick: bool) -> list[dict]:
     print(f"atpo-train: {run_s:.0f} s in all (loading, held-out evaluation before and after, iterations)")
     if cuda:
         config = json.loads((folder / "config.json").read_text())
+        sampler = read_yaml(work / "native" / CONFIG)["sampler"]
         notes = (f"configs/llada_lora.yaml with {' '.join(CUDA_RUN)}, --task parity, on a folder in LLaDA's layout "
                  f"(d_model {config['d_model']}, {config['n_layers']} blocks, vocabulary {config['vocab_size']}, "
                  f"6 shards, bf16, random weights N(0, 0.02^2)): {size_gb:.1f} GB written in {write_s:.0f} s; the "
-                 f"run took {run_s:.0f} s in all. Cache: the config's sampler.cache.")
+                 f"run took {run_s:.0f} s in all. Sampler: cache {sampler['cache']}, gen {sampler['gen_length']}, block "
+                 f"{sampler['block_length']}, {sampler['steps']} steps.")
         path = write_results("native_llada", "atpo-train on a LLaDA-layout folder at LLaDA-8B's shape, loaded "
                              "natively", COLUMNS, table, machine_info(), notes)
         print(f"wrote {path}")
