@@ -5,7 +5,8 @@
     python -m benchmarks trainer [--quick] [--layers N]   one ATPO iteration against the plain PyTorch path
     python -m benchmarks compare [--quick] [--setting zones] [--seeds N] ...   selection rules at equal budget
                                              (compare --help lists its options)
-    python -m benchmarks rollout [--quick]   rollout wall time of generate's cache modes (none, prefix, dual)
+    python -m benchmarks rollout [--quick]   generate's cache modes (none, prefix, dual): rollout wall time, then
+                                             (CPU) held-out accuracy and the training log-prob gap they cost
     python -m benchmarks memory [--quick]    peak memory of a training iteration by phase: measured, and predicted
     python -m benchmarks analyze RUN_DIR     confusion-zone analysis of a run's checkpoint
     python -m benchmarks sass [--quick]      compile report: every Triton specialisation for sm_90 / sm_80, no GPU
@@ -38,10 +39,9 @@ def kernels(quick: bool, results_dir=RESULTS_DIR) -> list[dict]:
         else CPU_COLUMNS
     print_table(columns, table)
     name = "kernels_quick" if quick else "kernels"
-    path = write_results(name, "Kernel benchmarks: atpo_fast against its baselines", columns, table, machine_info(),
-                         sampler.overhead_note([dict(device=device, **overhead)]),
-                         results_dir=results_dir)
-    print(f"wrote {path}")
+    write_results(name, "Kernel benchmarks: atpo_fast against its baselines", columns, table, machine_info(),
+                  sampler.overhead_note([dict(device=device, **overhead)]),
+                  results_dir=results_dir)
     return table
 
 

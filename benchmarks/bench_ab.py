@@ -102,9 +102,8 @@ def main() -> list[dict]:
              f"Each version's device time of one call from a CUDA graph (do_bench_cudagraph median), {REPEATS} "
              "times each, alternating; pct_of_copy: the median of those, as a percent of a measured device-to-device "
              "copy (bytes read plus written) of the logits' bytes; range: the lowest and highest of the five.")
-    path = write_results("token_stats_ab", "An older statistics pass against the working tree's", COLUMNS, table,
-                         machine_info(), notes)
-    print(f"wrote {path}")
+    write_results("token_stats_ab", "An older statistics pass against the working tree's", COLUMNS, table,
+                  machine_info(), notes)
     return table
 
 

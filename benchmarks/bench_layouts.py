@@ -67,9 +67,8 @@ def main() -> list[dict]:
     notes = (f"bf16 logits [N, {VOCAB}], standard normal times 3; device time of one call from a CUDA graph "
              f"(median), percent of a measured {copy_gbps:.0f} GB/s device-to-device copy (bytes read plus "
              f"written) of the logits' bytes. 'default' is what softmax_row_stats picks.")
-    path = write_results("kernel_layouts", "Launch layouts of the vocabulary pass", COLUMNS, table, machine_info(),
-                         notes)
-    print(f"wrote {path}")
+    write_results("kernel_layouts", "Launch layouts of the vocabulary pass", COLUMNS, table, machine_info(),
+                  notes)
     return table
 
 

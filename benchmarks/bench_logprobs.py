@@ -142,9 +142,8 @@ def fused_cpu_interleaved(shape: dict = CPU_SHAPES[0], repeats: int = 5) -> None
              "(benchmarks.common.time_interleaved); vs_unfused: time over F.linear + selected_logprobs' with "
              "the same head (trainable, or frozen: only hidden gets a gradient). Peak extra memory in a fresh "
              "process per variant, gradients included; memory_vs_eager: against F.linear + log_softmax's.")
-    path = write_results("logprobs_fused", "fused_linear_logprobs against F.linear + selected_logprobs", columns,
-                         rows, machine_info(), notes)
-    print(f"wrote {path}")
+    write_results("logprobs_fused", "fused_linear_logprobs against F.linear + selected_logprobs", columns,
+                  rows, machine_info(), notes)
 
 
 def bench_cuda(shape: dict) -> list[dict]:
@@ -189,8 +188,7 @@ def main() -> None:
         notes = ("Peak extra memory counts everything allocated during forward+backward above the inputs, the "
                  "gradients included. fused_linear_logprobs: chunked GEMMs in hidden's dtype, one pass per logits "
                  "tile (Triton on CUDA, torch ops on CPU).")
-        path = write_results("logprobs", "Log-prob ops: atpo_fast against PyTorch", columns, table, meta, notes)
-        print(f"wrote {path}")
+        write_results("logprobs", "Log-prob ops: atpo_fast against PyTorch", columns, table, meta, notes)
 
 
 if __name__ == "__main__":

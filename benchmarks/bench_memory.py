@@ -302,9 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  + "| " + " | ".join(time_columns) + " |\n" + "|---" * len(time_columns) + "|\n"
                  + "".join("| " + " | ".join(f"{t[c]:.3g}" if isinstance(t[c], float) else str(t[c])
                                              for c in time_columns) + " |\n" for t in times))
-        path = write_results("memory", "Memory of one training iteration: measured by phase and predicted", COLUMNS,
-                             table, machine_info(), notes)
-        print(f"wrote {path}")
+        write_results("memory", "Memory of one training iteration: measured by phase and predicted", COLUMNS,
+                      table, machine_info(), notes)
     return table
 
 

@@ -87,11 +87,10 @@ def main(quick: bool) -> list[dict]:
         notes = (f"configs/llada_lora.yaml with {' '.join(CUDA_RUN)}, --task parity, on a folder in LLaDA's layout "
                  f"(d_model {config['d_model']}, {config['n_layers']} blocks, vocabulary {config['vocab_size']}, "
                  f"6 shards, bf16, random weights N(0, 0.02^2)): {size_gb:.1f} GB written in {write_s:.0f} s; the "
-                 f"run took {run_s:.0f} s in all. Sampler: cache {sampler['cache']}, gen {sampler['gen_length']}, block "
-                 f"{sampler['block_length']}, {sampler['steps']} steps.")
-        path = write_results("native_llada", "atpo-train on a LLaDA-layout folder at LLaDA-8B's shape, loaded "
-                             "natively", COLUMNS, table, machine_info(), notes)
-        print(f"wrote {path}")
+                 f"run took {run_s:.0f} s in all. Sampler: cache {sampler['cache']}, gen {sampler['gen_length']}, "
+                 f"block {sampler['block_length']}, {sampler['steps']} steps.")
+        write_results("native_llada", "atpo-train on a LLaDA-layout folder at LLaDA-8B's shape, loaded "
+                      "natively", COLUMNS, table, machine_info(), notes)
     return table
 
 

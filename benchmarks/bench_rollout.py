@@ -10,16 +10,22 @@ rollout's (greedy, the same prompts); also the time inside the LM head (the same
 caches cannot shorten it), the speed-up of everything else, the decoder layers' matrix work against
 none's and the speed-up that work allows (work_bound).
 Then what the approximation costs on the default job: held-out greedy accuracy and token agreement
-of the warm-started tiny model on sudoku4, per mode.
+of the warm-started tiny model on sudoku4, per mode. Last, how off-policy the caches make training:
+a few atpo-train iterations of the default job (one block) and of the zones setting (3 blocks) per
+mode, each iteration's rollout_logprob_gap (mean |log p at rollout - log p_old| over the trained targets).
 
-    python -m benchmarks rollout [--quick]        both parts (on a GPU the speed part alone)
+    python -m benchmarks rollout [--quick]        all three parts (on a GPU the speed part alone)
     python -m benchmarks.bench_rollout --task     the default-job part alone (a few minutes on CPU)
+    python -m benchmarks.bench_rollout --gap      the training part alone (3 minutes on 2 CPU cores, warm starts cached)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +47,9 @@ TASK_COLUMNS = ["mode", "cache_refresh", "wall_s", "accuracy", "agreement"]
 QUICK_TASK = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
               "warmstart.steps=10", "warmstart.batch_size=8", "task.options={train_size: 100, test_size: 20}"]
 TASK_MODES = (("none", None), ("prefix", None), ("dual", None), ("prefix", 2), ("dual", 2), ("prefix", 4))
+GAP_COLUMNS = ["setting", "mode", "rollout_s", "speedup", "reward", "logprob_gap", "gap_by_iteration"]
+GAP_SETTINGS = ("tiny", "zones")  # configs/<name>.yaml: the default job (gen 16, one block), 3 blocks of 32
+GAP_RUN = ["device=cpu", "optim.iterations=4", "eval.size=20", "eval.pass_k=0"]
 
 
 def timed_head(model, device: str) -> list[float]:
@@ -154,10 +163,42 @@ def default_task(size: int, overrides: list[str] = ()) -> list[dict]:
     return rows
 
 
-def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
-    """task: the default-job part; by default only without a GPU (a CPU measure: a GPU's time goes to speed)."""
+def training_gap(settings: tuple[str, ...], overrides: list[str]) -> list[dict]:
+    """How off-policy each cache mode makes training: atpo-train (configs/<setting>.yaml with overrides, the same
+    seed and warm start) per setting and mode; per run the mean rollout time, reward and rollout_logprob_gap
+    over its iterations, and each iteration's gap."""
+    from atpo_fast.config import load_config
+    from atpo_fast.run import METRICS, train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for setting in settings:
+            for mode in MODES:
+                config = load_config(Path("configs") / f"{setting}.yaml",
+                                     [*overrides, f"sampler.cache={mode}", f"logging.run_dir={folder}",
+                                      f"logging.name={setting}_{mode}"])
+                run_dir = Path(train(config, progress=False)["run_dir"])
+                history = [row for row in map(json.loads, (run_dir / METRICS).read_text().splitlines())
+                           if "rollout_logprob_gap" in row]
+                gaps = [row["rollout_logprob_gap"] for row in history]
+                rows.append({"setting": setting, "mode": mode,
+                             "rollout_s": sum(row["rollout_time"] for row in history) / len(history),
+                             "reward": sum(row["reward"] for row in history) / len(history),
+                             "logprob_gap": sum(gaps) / len(gaps),
+                             "gap_by_iteration": " / ".join(f"{gap:.3g}" for gap in gaps)})
+                print(f"{setting} {mode}: rollout_logprob_gap {rows[-1]['logprob_gap']:.4f}", flush=True)
+            exact = rows[-len(MODES)]["rollout_s"]
+            for row in rows[-len(MODES):]:
+                row["speedup"] = exact / row["rollout_s"]
+    return rows
+
+
+def main(quick: bool, speed: bool = True, task: bool | None = None, gap: bool | None = None) -> None:
+    """task, gap: the default-job and training parts; by default only without a GPU (CPU measures: a GPU's time
+    goes to speed)."""
     device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
     task = device == "cpu" if task is None else task
+    gap = device == "cpu" if gap is None else gap
     if speed:
         shape = QUICK if quick else (CUDA if device == "cuda" else CPU)
         table = rollout_times(shape, device)
@@ -171,8 +212,7 @@ def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
                      "layer_work: the decoder layers' matrix multiply-adds (every nn.Linear of the backbone, counted "
                      "by hooks) against none's; work_bound: the speed-up if everything but the head took none's time "
                      "times layer_work, an upper bound (a step's fixed costs do not shrink with the work).")
-            path = write_results("rollout", "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
-            print(f"wrote {path}")
+            write_results("rollout", "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
     if task:
         size = 20 if quick else 200
         table = default_task(size, QUICK_TASK if quick else [])
@@ -182,14 +222,29 @@ def main(quick: bool, speed: bool = True, task: bool | None = None) -> None:
                      f"16, 16 steps), greedy on {size} held-out puzzles, per cache mode; cache_refresh n remakes "
                      f"the block cache every n steps; agreement: share of response tokens equal to the exact "
                      f"rollout's. Wall times are CPU, one process.")
-            path = write_results("rollout_task", "What the block KV caches cost on the default job", TASK_COLUMNS,
-                                 table, machine_info(), notes)
-            print(f"wrote {path}")
+            write_results("rollout_task", "What the block KV caches cost on the default job", TASK_COLUMNS,
+                          table, machine_info(), notes)
+    if gap:
+        table = training_gap(("tiny",) if quick else GAP_SETTINGS,
+                             GAP_RUN + (QUICK_TASK + ["optim.iterations=1"] if quick else []))
+        print_table(GAP_COLUMNS, table)
+        if not quick:
+            notes = ("atpo-train with configs/<setting>.yaml and " + " ".join(GAP_RUN) + " per cache mode (the same "
+                     "seed, warm start and prompts): tiny is the default job (sudoku4, gen 16 in one block of 16, 16 "
+                     "steps), zones 3 blocks of 32 (48 steps). logprob_gap: the runs' mean rollout_logprob_gap, the "
+                     "mean |log p at rollout - log p_old| over the trained targets (how far off-policy the rollout "
+                     "makes the update; with cache none and one-step rows, rounding alone); rollout_s and reward: "
+                     "the means over the iterations; speedup: rollout time against none's. After the first "
+                     "iteration the runs' policies differ, so later iterations compare modes on different models.")
+            write_results("rollout_gap", "How off-policy the block KV caches make training", GAP_COLUMNS,
+                          table, machine_info(), notes)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
     parser.add_argument("--task", action="store_true", help="only the default-job part")
+    parser.add_argument("--gap", action="store_true", help="only the training part")
     args = parser.parse_args()
-    main(args.quick, speed=not args.task, task=args.task or None)
+    only = args.task or args.gap
+    main(args.quick, speed=not only, task=args.task if only else None, gap=args.gap if only else None)

@@ -137,9 +137,8 @@ def main() -> None:
     print_table(CPU_COLUMNS, table)
     print_table(OVERHEAD_COLUMNS, overhead)
     if not args.quick:
-        path = write_results("sampler", "Sampler post-processing per step: atpo_fast against LLaDA's reference",
-                             CPU_COLUMNS, table, machine_info(), overhead_note(overhead))
-        print(f"wrote {path}")
+        write_results("sampler", "Sampler post-processing per step: atpo_fast against LLaDA's reference",
+                      CPU_COLUMNS, table, machine_info(), overhead_note(overhead))
 
 
 OVERHEAD_COLUMNS = ["device", "rollout_ms_record_on", "rollout_ms_record_off", "trace_overhead_pct", "recorder_ms",

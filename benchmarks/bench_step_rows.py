@@ -75,9 +75,8 @@ def main() -> None:
         table += bench_cuda(shape)
     print_table(CPU_COLUMNS, table)
     if not args.quick:
-        path = write_results("step_rows", "build_step_rows: extension against torch and a Python loop", CPU_COLUMNS,
-                             table, machine_info())
-        print(f"wrote {path}")
+        write_results("step_rows", "build_step_rows: extension against torch and a Python loop", CPU_COLUMNS,
+                      table, machine_info())
 
 
 if __name__ == "__main__":

@@ -126,8 +126,7 @@ def main() -> None:
         table, columns = run_cpu_suite(["bench_token_stats"], args.quick), CPU_COLUMNS
     print_table(columns, table)
     if not args.quick:
-        path = write_results("token_stats", "token_stats: atpo_fast against PyTorch", columns, table, machine_info())
-        print(f"wrote {path}")
+        write_results("token_stats", "token_stats: atpo_fast against PyTorch", columns, table, machine_info())
 
 
 if __name__ == "__main__":

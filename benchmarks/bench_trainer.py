@@ -149,9 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.quick:
         notes = (f"Model {shape}, run {plan}. CPU peak memory is the process's peak resident size (ru_maxrss); "
                  "CUDA peak memory is torch.cuda.max_memory_allocated.")
-        path = write_results("trainer", "One ATPO iteration: atpo_fast against the plain PyTorch path", columns, table,
-                             machine_info(), notes)
-        print(f"wrote {path}")
+        write_results("trainer", "One ATPO iteration: atpo_fast against the plain PyTorch path", columns, table,
+                      machine_info(), notes)
     return table
 
 

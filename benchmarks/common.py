@@ -165,7 +165,7 @@ def time_interleaved(fns: dict, repeats: int = 10) -> dict:
 
 def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "",
                   results_dir: Path = RESULTS_DIR) -> Path:
-    """Write <results_dir>/<name>_<device>_<date>.md and .json; returns the Markdown path."""
+    """Write <results_dir>/<name>_<device>_<date>.md and .json and say so; returns the Markdown path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if meta.get("device", "cpu") != "cpu" else "cpu"
     stem = results_dir / f"{name}_{device}_{meta['date']}"
@@ -179,6 +179,7 @@ def write_results(name: str, title: str, columns: list[str], rows: list[dict], m
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     path = stem.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
     return path
 
 

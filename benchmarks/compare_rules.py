@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                          results_dir=results_dir)
     plot_curves(runs, path.with_suffix(".png"))
     (path.with_name(path.stem + "_runs.json")).write_text(json.dumps(runs, indent=2))
-    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    print(f"wrote {path.with_suffix('.png')}")
     result = {"table": table, "runs": runs, "path": str(path)}
     samples = 1 if args.quick else args.analysis_samples
     if samples:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = write_results(name + "_analysis", "Where wrong answers show: per-step AUROC of each signal", columns,
                              analysis, meta, notes, results_dir=results_dir)
         plot_analysis(reports, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png').name}")
+        print(f"wrote {path.with_suffix('.png')}")
         result.update(analysis=analysis, analysis_path=str(path))
     return result
 

@@ -292,9 +292,8 @@ def main(argv=None) -> int:
     if not args.quick:
         meta = {**machine_info(), "triton": triton.__version__}
         name = "sass_triton" + triton.__version__.replace(".", "_")
-        path = write_results(name, f"Compile report (Triton {triton.__version__})", COLUMNS, table, meta, NOTES,
-                             results_dir=RESULTS_DIR)
-        print(f"wrote {path}")
+        write_results(name, f"Compile report (Triton {triton.__version__})", COLUMNS, table, meta, NOTES,
+                      results_dir=RESULTS_DIR)
     return 1 if counts["ERROR"] else 0
 
 
