@@ -3,6 +3,7 @@
 import dataclasses
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,13 @@ def test_cross_field_rules(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'sampler.cache' expects 'none' with model.implementation='remote'"):
         load_config(None, ["model.kind=llada", f"model.path={tmp_path}", "warmstart.steps=0",
                            "model.implementation=remote", "sampler.cache=dual"])
+    # a cache on a one-block response is allowed but warned about (the default job's gap: 1.28 against 2e-7)
+    with pytest.warns(UserWarning, match=r"sampler.cache='dual' with one block \(sampler.gen_length =="):
+        load_config(None, ["sampler.cache=dual"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["sampler.cache=dual", "sampler.gen_length=32", "sampler.steps=32"])  # two blocks
+        load_config(None, ["sampler.cache=none"])
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=r"'optim.prompts_per_iter' expects a multiple of the number of ranks \(3\)"):
         load_config(None)
