@@ -29,7 +29,7 @@ from atpo_fast.config import read_yaml
 from atpo_fast.models.synthetic import LLADA_8B, TINY, write_checkpoint
 from atpo_fast.tasks import Example, Task, register_task
 from atpo_fast.tasks.jsonl import extract_number
-from benchmarks.common import machine_info, print_table, write_results
+from benchmarks.common import REPO, machine_info, print_table, write_results
 
 COLUMNS = ["iteration", "rollout_time", "tokens_per_second", "update_time", "peak_memory_mb", "updated", "reward",
            "rollout_logprob_gap"]
@@ -70,8 +70,8 @@ def main(quick: bool) -> list[dict]:
     size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 1e9
     print(f"wrote {folder} ({size_gb:.1f} GB) in {write_s:.0f} s", flush=True)
 
-    argv = ["--config", "configs/llada_lora.yaml", "--model", str(folder), "--task", "parity", "--quiet",
-            "--name", "native", f"logging.run_dir={work}"] + (CUDA_RUN if cuda else QUICK_RUN)
+    argv = ["--config", str(REPO / "configs" / "llada_lora.yaml"), "--model", str(folder), "--task", "parity",
+            "--quiet", "--name", "native", f"logging.run_dir={work}"] + (CUDA_RUN if cuda else QUICK_RUN)
     start = time.perf_counter()
     if train_main(argv) != 0:
         raise RuntimeError("atpo-train failed (its error is above)")

@@ -32,7 +32,7 @@ import torch
 from atpo_fast import generate
 from atpo_fast.config import TinyConfig
 from atpo_fast.models import TinyDiffusionLM
-from benchmarks.common import machine_info, print_table, write_results
+from benchmarks.common import REPO, machine_info, print_table, write_results
 
 LLADA_VOCAB = 126464
 MODES = ("none", "prefix", "dual")
@@ -174,7 +174,7 @@ def training_gap(settings: tuple[str, ...], overrides: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         for setting in settings:
             for mode in MODES:
-                config = load_config(Path("configs") / f"{setting}.yaml",
+                config = load_config(REPO / "configs" / f"{setting}.yaml",
                                      [*overrides, f"sampler.cache={mode}", f"logging.run_dir={folder}",
                                       f"logging.name={setting}_{mode}"])
                 run_dir = Path(train(config, progress=False)["run_dir"])
