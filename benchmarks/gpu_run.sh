@@ -95,7 +95,10 @@ if want tests; then
     # test keeps its port to itself).
     python3 -c "import xdist" 2>/dev/null && PARALLEL="-n 8 --dist loadfile" || PARALLEL=""
     # The deselected test checks a CPU library's first exp in 12 fresh processes: 124 s of GPU time on the H200.
+    # gpu_tests.xml (JUnit, written also when the limit cuts the run) names every test that ran, so a cut run
+    # shows which did not
     timeout -s INT -k 5 $(( $(left) - 15 )) python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL ${TESTS:-tests} \
+        --junitxml "$OUT/gpu_tests.xml" \
         --ignore=tests/test_compile.py --ignore=tests/test_transformers_517.py \
         --deselect tests/test_token_stats.py::test_first_cpu_exp_after_import_is_accurate 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40
