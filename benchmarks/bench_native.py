@@ -58,6 +58,7 @@ class Parity(Task):
 
 def main(quick: bool) -> list[dict]:
     from atpo_fast.cli import train_main
+    from atpo_fast.run import METRICS, read_metrics
 
     cuda = torch.cuda.is_available() and not quick
     work = Path(os.environ.get("ATPO_NATIVE_DIR") or tempfile.mkdtemp(prefix="atpo_native_"))
@@ -76,7 +77,7 @@ def main(quick: bool) -> list[dict]:
     if train_main(argv) != 0:
         raise RuntimeError("atpo-train failed (its error is above)")
     run_s = time.perf_counter() - start
-    history = [json.loads(line) for line in (work / "native" / "metrics.jsonl").read_text().splitlines()]
+    history = read_metrics(work / "native" / METRICS)
     table = [{**{k: row.get(k) for k in COLUMNS}, "updated": "skipped" not in row}
              for row in history if "rollout_time" in row]
     print_table(COLUMNS, table)

@@ -22,7 +22,6 @@ mode, each iteration's rollout_logprob_gap (mean |log p at rollout - log p_old| 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -168,7 +167,7 @@ def training_gap(settings: tuple[str, ...], overrides: list[str]) -> list[dict]:
     seed and warm start) per setting and mode; per run the mean rollout time, reward and rollout_logprob_gap
     over its iterations, and each iteration's gap."""
     from atpo_fast.config import load_config
-    from atpo_fast.run import METRICS, train
+    from atpo_fast.run import METRICS, read_metrics, train
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -178,8 +177,7 @@ def training_gap(settings: tuple[str, ...], overrides: list[str]) -> list[dict]:
                                      [*overrides, f"sampler.cache={mode}", f"logging.run_dir={folder}",
                                       f"logging.name={setting}_{mode}"])
                 run_dir = Path(train(config, progress=False)["run_dir"])
-                history = [row for row in map(json.loads, (run_dir / METRICS).read_text().splitlines())
-                           if "rollout_logprob_gap" in row]
+                history = [row for row in read_metrics(run_dir / METRICS) if "rollout_logprob_gap" in row]
                 gaps = [row["rollout_logprob_gap"] for row in history]
                 rows.append({"setting": setting, "mode": mode,
                              "rollout_s": sum(row["rollout_time"] for row in history) / len(history),

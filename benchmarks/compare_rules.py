@@ -34,7 +34,7 @@ from atpo_fast.analysis import analyze_run
 from atpo_fast.checkpoint import CHECKPOINT
 from atpo_fast.config import load_config
 from atpo_fast.distributed import Dist
-from atpo_fast.run import METRICS, train
+from atpo_fast.run import METRICS, read_metrics, train
 from atpo_fast.trainer import build_model, build_task, resolve_device
 from atpo_fast.warmstart import cache_folder, warm_start
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, write_results
@@ -89,7 +89,7 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], wor
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         summary = train(config, resume=resume, progress=False)
-    history = [json.loads(line) for line in (Path(summary["run_dir"]) / METRICS).read_text().splitlines()]
+    history = read_metrics(Path(summary["run_dir"]) / METRICS)
     iterations = [m for m in history if "phase" not in m]
     curve = [(m["iteration"] + (0 if "phase" in m else 1), m["eval"]["accuracy"]) for m in history if "eval" in m]
     return {"variant": name, "seed": seed, "run_dir": summary["run_dir"], "before": summary["before"],
