@@ -37,7 +37,8 @@ def test_prepacked_weights_give_f_linear_values(bias, monkeypatch):
     LM head and the decoder's larger projections) answer no-grad calls from a weight laid out once: F.linear's
     values within rounding (an odd vocabulary, odd row counts, 3-d and strided inputs); with gradients, and
     after the block, F.linear's own; a weight changed after the block is the one used; smaller layers, a nested
-    block and weights that would not fit in half the available memory are left alone."""
+    block, weights that would not fit in half the available memory and an nn.Linear subclass with its own
+    forward are left alone."""
     gen = torch.Generator().manual_seed(0)
     vocab = 1 << 13 | 5  # 8197 x 32: at least MIN_PREPACKED_WEIGHT elements
     model = TinyDiffusionLM(TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=8192,
@@ -77,6 +78,15 @@ def test_prepacked_weights_give_f_linear_values(bias, monkeypatch):
     monkeypatch.setattr(base, "_available_memory", lambda: 2 * sum(m.weight.numel() * 4 for m in large) - 1)
     with model.prepacked_weights():
         assert not any(map(_packed, large))
+    monkeypatch.undo()
+
+    class ScaledLinear(torch.nn.Linear):  # a subclass whose forward differs from nn.Linear's
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.head = ScaledLinear(32, vocab, bias=bias)
+    with model.prepacked_weights():
+        assert not _packed(model.head) and all(map(_packed, large[1:]))
 
 
 def test_generate_uses_the_prepacked_weights(monkeypatch):

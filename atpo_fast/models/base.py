@@ -183,10 +183,12 @@ class DiffusionLM(nn.Module):
         one pass over them; nothing is laid out when they would take more than half the memory the system
         reports available. The weights must not change inside. Untouched: weights under MIN_PREPACKED_WEIGHT
         elements (slower laid out), CUDA, 16-bit, sharded (DTensor) weights, a torch without oneDNN, and
-        layers an enclosing prepacked_weights already holds.
+        layers an enclosing prepacked_weights already holds, and nn.Linear subclasses with their own forward.
         """
         def usable(module: nn.Module) -> bool:
-            return (isinstance(module, nn.Linear) and "forward" not in vars(module)
+            # a subclass with its own forward computes something else: it keeps it
+            return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+                    and "forward" not in vars(module)
                     and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
                     and type(module.weight.data) is torch.Tensor and module.weight.numel() >= MIN_PREPACKED_WEIGHT)
 
