@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed one
@@ -79,7 +80,8 @@ def test_compare_rules_quick(tmp_path):
     from benchmarks.compare_rules import main
 
     result = main(["--quick", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path)])
-    (json_file,) = tmp_path.glob("compare_rules_quick_cpu_*[0-9].json")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the runs' device (config device: auto) names the files
+    (json_file,) = tmp_path.glob(f"compare_rules_quick_{device}_*[0-9].json")
     data = load(json_file)
     variants = [row["variant"] for row in data["rows"]]
     assert variants == ["uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
@@ -97,7 +99,7 @@ def test_compare_rules_quick(tmp_path):
     assert len(runs) == 12 and all(run["curve"] for run in runs)
     assert len(result["runs"]) == 12
     # the confusion-zone analysis of the published rules' checkpoints: every signal, per-step AUROC in [0, 1]
-    (analysis_file,) = tmp_path.glob("compare_rules_quick_analysis_cpu_*.json")
+    (analysis_file,) = tmp_path.glob(f"compare_rules_quick_analysis_{device}_*.json")
     rows = load(analysis_file)["rows"]
     assert [(row["variant"], row["signal"]) for row in rows] == [
         (variant, signal) for variant in ("uniform (TraceRL)", "hybrid/select", "EGSPO (entropy per trajectory)",
