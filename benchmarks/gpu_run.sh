@@ -13,7 +13,7 @@
 #   memory    one iteration at LLaDA-8B's shape, LoRA r=64 and full, at the memory model's largest micro-batch
 #   logprobs  selected_logprobs and fused_linear_logprobs against eager, Liger-Kernel, cut-cross-entropy
 #   rows      build_step_rows, extension against the torch fallback
-#   tests     the whole CUDA test suite (or TESTS="<files>"), with the time left
+#   tests     the whole CUDA test suite (or TESTS="<files or test ids>": a file runs on one worker), with the time left
 # Logs and tables go to $OUT (default benchmarks/results) as each stage ends, so a run cut off still
 # returns them. With PACK=<file.tgz> the folder is also packed into that one file as each stage
 # begins and at the end (the device tool returns at most 8 files). PACK comes first, so that its $OUT is
