@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 
 import torch
 
@@ -28,13 +29,17 @@ KERNEL_MODULES = ["bench_token_stats", "bench_logprobs", "bench_step_rows", "ben
 
 
 def kernels(quick: bool, results_dir=RESULTS_DIR) -> list[dict]:
+    start = time.perf_counter()
     if torch.cuda.is_available() and not quick:
         table = cuda_kernels()
     else:
         table = run_cpu_suite(KERNEL_MODULES, quick)
+    cases_s = time.perf_counter() - start
     sampler = importlib.import_module("benchmarks.bench_sampler")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     overhead = sampler.trace_overhead(device, 4 if quick else 8, 32 if quick else 64)
+    # where the time goes (the quick run took 47 s on 2 CPU cores and 179-290 s on the H200 machine)
+    print(f"kernel cases {cases_s:.0f} s, trace overhead ({device}) {time.perf_counter() - start - cases_s:.0f} s")
     columns = list(dict.fromkeys(k for row in table for k in row)) if torch.cuda.is_available() and not quick \
         else CPU_COLUMNS
     print_table(columns, table)
