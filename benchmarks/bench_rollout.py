@@ -17,6 +17,7 @@ mode, each iteration's rollout_logprob_gap (mean |log p at rollout - log p_old| 
     python -m benchmarks rollout [--quick]        all three parts (on a GPU the speed part alone)
     python -m benchmarks.bench_rollout --task     the default-job part alone (a few minutes on CPU)
     python -m benchmarks.bench_rollout --gap      the training part alone (3 minutes on 2 CPU cores, warm starts cached)
+    python -m benchmarks.bench_rollout --speed --dtype bfloat16   the speed part alone, in bf16 (on CPU: rollout_bf16)
 """
 
 from __future__ import annotations
@@ -84,9 +85,8 @@ def counted_linear_work(model) -> list[int]:
     return work
 
 
-def rollout_times(shape: dict, device: str) -> list[dict]:
+def rollout_times(shape: dict, device: str, dtype: torch.dtype) -> list[dict]:
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = TinyConfig(hidden_size=shape["width"], num_layers=shape["layers"], num_heads=shape["heads"],
                         intermediate_size=shape["mlp"], max_length=shape["prompt"] + shape["gen"],
                         vocab_size=LLADA_VOCAB)
@@ -132,7 +132,8 @@ def rollout_times(shape: dict, device: str) -> list[dict]:
         # steps' fixed costs (token_stats, the commit) and the smaller GEMMs' lower speed do not shrink with it
         row["work_bound"] = none_wall / (none_rest * row["layer_work"] + row["head_s"])
         row["shape"] = (f"L={shape['layers']} d={shape['width']} V={LLADA_VOCAB} B={shape['batch']} "
-                        f"prompt={shape['prompt']} gen={shape['gen']} block={shape['block']} steps={shape['steps']}")
+                        f"prompt={shape['prompt']} gen={shape['gen']} block={shape['block']} steps={shape['steps']} "
+                        f"{str(dtype).removeprefix('torch.')}")
     return results
 
 
@@ -191,15 +192,17 @@ def training_gap(settings: tuple[str, ...], overrides: list[str]) -> list[dict]:
     return rows
 
 
-def main(quick: bool, speed: bool = True, task: bool | None = None, gap: bool | None = None) -> None:
+def main(quick: bool, speed: bool = True, task: bool | None = None, gap: bool | None = None,
+         dtype: torch.dtype | None = None) -> None:
     """task, gap: the default-job and training parts; by default only without a GPU (CPU measures: a GPU's time
-    goes to speed)."""
+    goes to speed). dtype: the speed part's model, bfloat16 on CUDA and float32 on CPU by default."""
     device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     task = device == "cpu" if task is None else task
     gap = device == "cpu" if gap is None else gap
     if speed:
         shape = QUICK if quick else (CUDA if device == "cuda" else CPU)
-        table = rollout_times(shape, device)
+        table = rollout_times(shape, device, dtype)
         print_table(COLUMNS, table)
         if not quick:
             notes = ("Greedy rollouts of one random-weight bidirectional model with LLaDA's vocabulary, the three "
@@ -210,7 +213,9 @@ def main(quick: bool, speed: bool = True, task: bool | None = None, gap: bool | 
                      "layer_work: the decoder layers' matrix multiply-adds (every nn.Linear of the backbone, counted "
                      "by hooks) against none's; work_bound: the speed-up if everything but the head took none's time "
                      "times layer_work, an upper bound (a step's fixed costs do not shrink with the work).")
-            write_results("rollout", "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
+            # a CPU run in bfloat16 (oneDNN's AMX matrix units, where the CPU has them) gets a file of its own
+            name = "rollout_bf16" if device == "cpu" and dtype == torch.bfloat16 else "rollout"
+            write_results(name, "Rollouts with block KV caches", COLUMNS, table, machine_info(), notes)
     if task:
         size = 20 if quick else 200
         table = default_task(size, QUICK_TASK if quick else [])
@@ -243,6 +248,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
     parser.add_argument("--task", action="store_true", help="only the default-job part")
     parser.add_argument("--gap", action="store_true", help="only the training part")
+    parser.add_argument("--speed", action="store_true", help="only the speed part")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="the speed part's model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     args = parser.parse_args()
-    only = args.task or args.gap
-    main(args.quick, speed=not only, task=args.task if only else None, gap=args.gap if only else None)
+    only = args.task or args.gap or args.speed
+    main(args.quick, speed=args.speed or not only, task=args.task if only else None, gap=args.gap if only else None,
+         dtype=getattr(torch, args.dtype) if args.dtype else None)

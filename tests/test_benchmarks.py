@@ -57,7 +57,8 @@ def test_trainer_bench_quick():
 def test_rollout_bench_quick(tmp_path):
     from benchmarks import bench_rollout
 
-    speed = bench_rollout.rollout_times(bench_rollout.QUICK, "cpu")
+    speed = bench_rollout.rollout_times(bench_rollout.QUICK, "cpu", torch.float32)
+    assert all(row["shape"].endswith(" float32") for row in speed)
     assert [row["mode"] for row in speed] == ["none", "prefix", "dual"] and speed[0]["agreement"] == 1.0
     assert all(0 < row["head_s"] < row["wall_s"] and row["speedup_without_head"] > 0 for row in speed)
     # the caches forward fewer positions through the decoder layers: prefix the block and after it, dual the block
