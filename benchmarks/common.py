@@ -131,7 +131,7 @@ def run_cpu_suite(modules: list[str], quick: bool) -> list[dict]:
     cases = [(module, case, variants) for module in modules
              for case, (variants, _) in importlib.import_module(f"benchmarks.{module}").cpu_cases(quick).items()]
     jobs = [(module, case, v) for module, case, variants in cases for v in variants]
-    # a worker process spends most of its life importing torch (2.4 s each on 2 CPU cores, longer with CUDA's)
+    # a worker took 2.4 s on 2 CPU cores, over half of it starting up (importing torch and Triton: 1.3 s)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         memory = dict(zip(jobs, pool.map(lambda job: memory_in_worker(*job, quick), jobs)))
     rows = []
