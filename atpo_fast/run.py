@@ -13,6 +13,7 @@ Under torchrun every rank calls `train`; rank 0 alone writes files.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,6 +31,21 @@ SCALARS = ("reward", "accuracy", "loss", "kl", "clip_fraction", "grad_norm")  # 
 
 def run_name(config: TrainConfig) -> str:
     return config.logging.name or f"{config.task.name}-{config.selection.rule}-seed{config.seed}"
+
+
+def make_run_folder(run_dir: Path) -> None:
+    """Make run_dir (and its parents) before the warm start, so that a logging.run_dir this process cannot
+    write to fails at once, naming the key, instead of after minutes of work with an OSError."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror
+    else:
+        if os.access(run_dir, os.W_OK | os.X_OK):
+            return
+        reason = "no permission to write there"
+    raise ValueError(f"config key 'logging.run_dir' expects a folder this process can write, got "
+                     f"{str(run_dir.parent)!r} (making {run_dir}: {reason})")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -51,6 +67,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     # the model, warm-started before it is wrapped for data parallelism (a resumed run loads its checkpoint)
     dist = distributed.setup(config.distributed.backend, config.device)
     device = resolve_device(config, dist)
+    if dist.main:
+        make_run_folder(run_dir)
     task = build_task(config)
     if resume:
         model, warm_info = checkpoint.run_model(config, run_dir, device), None
@@ -61,9 +79,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             checkpoint.keep_base(model, config, run_dir)
     trainer = Trainer(config, model, task)
     main = dist.main
-    dist.barrier()  # every rank has passed the checks above before rank 0 writes anything
+    dist.barrier()  # every rank has passed the checks above before rank 0 writes a file
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG)
     writer = tensorboard_writer(config, run_dir) if main else None
 

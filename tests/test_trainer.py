@@ -119,6 +119,18 @@ def test_console_scripts(tmp_path, capsys):
     assert eval_main([str(tmp_path / "missing")]) == 2
 
 
+def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
+    import atpo_fast.run as run_module
+
+    def warm_start_on_every_rank(*args, **kwargs):
+        raise AssertionError("the warm start ran before the run folder was checked")
+
+    monkeypatch.setattr(run_module, "warm_start_on_every_rank", warm_start_on_every_rank)
+    (tmp_path / "a_file").write_text("")
+    assert train_main(["--quiet", *SMALL, f"logging.run_dir={tmp_path / 'a_file' / 'runs'}"]) == 2
+    assert "config key 'logging.run_dir' expects a folder this process can write" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("implementation", ["native", "remote"])
 def test_llada_config_runs_a_small_checkpoint(tmp_path, gen, implementation):
     """configs/llada.yaml with --model and --task jsonl, wired end to end on CPU: a tiny checkpoint in
