@@ -331,9 +331,19 @@ def _set(data: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _parsed(text: str, where: str):
+    """YAML text's value; a ValueError naming `where` and the first problem when it is not valid YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML: {getattr(error, 'problem', None) or error}{at}") from None
+
+
 def read_yaml(path: Path, depth: int = 0) -> dict:
     """A YAML config file's mapping; `extends: other.yaml` (beside it) is read first and then overridden."""
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parsed(path.read_text(), f"config file {str(path)!r}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping")
     parent = data.pop("extends", None)
@@ -364,7 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set(data, key.strip(), _parsed(raw, f"override {item!r}") if raw.strip() else None)
     config = _build(TrainConfig, data)
     check_values(config)
     return config

@@ -63,6 +63,15 @@ def test_extends(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_invalid_yaml_names_the_file_or_override_and_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1\n")
+    with pytest.raises(ValueError, match=r"config file '.*bad.yaml' is not valid YAML: .* at line 3, column 1"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"override 'model.tiny=\{hidden_size: \[30' is not valid YAML: .* line 1"):
+        load_config(overrides=["model.tiny={hidden_size: [30"])
+
+
 def test_missing_file():
     with pytest.raises(ValueError, match="config file 'nope.yaml' does not exist"):
         load_config("nope.yaml")
