@@ -23,6 +23,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the option when this raises)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects an int >= 1, got {text!r}")
+    return value
+
+
 def parse_train_args(argv: list[str]):
     parser = _parser("atpo-train")
     parser.add_argument("--config", help="YAML run config (default: the built-in tiny CPU setting)")
@@ -74,7 +85,7 @@ def _leave_process_group() -> None:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = _parser("atpo-eval")
     parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
-    parser.add_argument("--size", type=int, help="number of held-out problems (default: eval.size)")
+    parser.add_argument("--size", type=_positive_int, help="number of held-out problems (default: eval.size)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

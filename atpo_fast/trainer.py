@@ -358,6 +358,8 @@ class Trainer:
         """Held-out greedy accuracy and pass@k (each rank rolls out its share of the problems); also
         this rank's greedy traces for the plots."""
         e, d = self.config.eval, self.dist
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive int or None (eval.size), got {size!r}")
         problems = self.task.test[:size or e.size]
         if len(problems) < d.world:
             raise ValueError(f"evaluation needs at least one held-out problem per rank: {len(problems)} problems, "

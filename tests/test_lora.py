@@ -142,6 +142,8 @@ def test_export_writes_peft_adapters_and_a_merged_tiny_model(tmp_path, gen):
     with torch.no_grad():
         torch.testing.assert_close(merged.logits(ids, mask), want, rtol=0, atol=1e-5)
     assert export_main([str(run), str(tmp_path / "merged")]) == 2, "a non-empty folder is refused"
+    assert export_main([str(run), str(tmp_path / "merged" / "config.json")]) == 2, "so is a file"
+    assert export_main([str(run), str(tmp_path / "merged" / "config.json" / "out")]) == 2, "and a path under one"
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

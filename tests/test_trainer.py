@@ -112,6 +112,11 @@ def test_console_scripts(tmp_path, capsys):
     assert eval_main([str(tmp_path / "cli"), "--size", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["iteration"] == 1 and 0 <= result["accuracy"] <= 1
+    with pytest.raises(SystemExit):  # argparse's exit 2, naming the option
+        eval_main([str(tmp_path / "cli"), "--size", "0"])
+    assert "argument --size: expects an int >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="size must be a positive int or None"):
+        checkpoint.load_run(tmp_path / "cli").evaluate(0)
     assert train_main(["--quiet", "--name", "cli", *args]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train_main(["optim.lrr=1"]) == 2
