@@ -137,6 +137,9 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
     over every rank's responses; row_offset (this rank's first response in the global batch) keys
     the random rule's draws, so the selection does not depend on how the batch is split.
     """
+    if not isinstance(trace, Trace):
+        raise ValueError(f"trace must be a Trace (generate records one unless record=False), got "
+                         f"{type(trace).__name__}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     if rule not in rule_names():

@@ -227,6 +227,14 @@ def test_bad_arguments(model, kwargs, match):
         generate(model, prompt, **kwargs)
 
 
+@pytest.mark.parametrize("shift", [-100, 10**6])
+def test_prompt_ids_outside_the_vocabulary_are_an_error(model, shift):
+    """Not an embedding's IndexError (a device-side assert on CUDA)."""
+    prompt = torch.tensor([model.tokenizer.encode("12+34=")]) + shift
+    with pytest.raises(ValueError, match=rf"prompt_ids must lie in \[0, {model.vocab_size}\)"):
+        generate(model, prompt, gen_length=8, block_length=4, steps=4)
+
+
 def test_concat_rollouts_repads_prompts_and_widens_traces(model):
     """Rollouts of separate generate calls joined into one batch: the trainer's prompts_per_call."""
     parts = []

@@ -171,6 +171,11 @@ def test_bad_arguments(trace, kwargs, match):
         select_steps(trace, **kwargs)
 
 
+def test_a_missing_trace_is_an_error():
+    with pytest.raises(ValueError, match="trace must be a Trace .*record=False.*, got NoneType"):
+        select_steps(None, budget=2)  # what generate(record=False) leaves in Rollout.trace
+
+
 @pytest.mark.parametrize("rule,per", [("random", "batch"), ("hybrid", "trajectory"), ("entropy", "trajectory"),
                                       ("surprisal", "trajectory")])
 def test_split_batch_selects_like_the_whole_on_own_rows(trace, rule, per):
