@@ -9,6 +9,7 @@ imports neither torch nor the models, so `atpo-train` rejects a bad value within
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -194,18 +195,21 @@ def check_values(config: TrainConfig) -> None:
         need(value >= 0, key, "an int >= 0")
     for key, value in (("optim.lr", o.lr), ("warmstart.lr", w.lr), ("optim.grad_clip", o.grad_clip),
                        ("optim.clip_eps", o.clip_eps)):
-        need(value > 0, key, "a number > 0")
+        need(math.isfinite(value) and value > 0, key, "a finite number > 0")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.kl_beta", o.kl_beta),
                        ("sampler.temperature", s.temperature)):
-        need(value >= 0, key, "a number >= 0")
+        need(math.isfinite(value) and value >= 0, key, "a finite number >= 0")
     for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         need(0 <= value < 1, key, "a number in [0, 1)")
     need(0 <= sel.alpha <= 1, "selection.alpha", "a number in [0, 1]")
-    need(sel.tau >= 0, "selection.tau", "a number >= 0")
+    need(math.isfinite(sel.tau) and sel.tau >= 0, "selection.tau", "a finite number >= 0")
     # the built-in rules, and those registered before the config loads (registering imports selection; the
     # config itself loads without torch)
     rules = sys.modules["atpo_fast.selection"].rule_names() if "atpo_fast.selection" in sys.modules else RULES
     need(sel.rule in rules, "selection.rule", f"one of {', '.join(map(repr, rules))}")
+    name = config.logging.name  # one folder inside logging.run_dir
+    need(name is None or (name not in ("", ".", "..") and not set("/\\") & set(name)), "logging.name",
+         "null or a folder name (no '/' or '\\', not '.' or '..')")
     need(o.group_size >= 2, "optim.group_size", "an int >= 2 (advantages compare responses to one prompt)")
     need(e.pass_k == 0 or e.pass_temperature > 0, "eval.pass_temperature", "a number > 0 when eval.pass_k > 0")
     need(s.prompts_per_call is None or s.prompts_per_call >= 1, "sampler.prompts_per_call", "an int >= 1 or null")
@@ -224,7 +228,7 @@ def check_values(config: TrainConfig) -> None:
         need(s.remasking in ("low_confidence", "margin"), "sampler.remasking",
              "'low_confidence' or 'margin' when sampler.threshold is set")
     need(m.lora.rank >= 0, "model.lora.rank", "an int >= 0 (0: full fine-tuning)")
-    need(m.lora.alpha > 0, "model.lora.alpha", "a number > 0")
+    need(math.isfinite(m.lora.alpha) and m.lora.alpha > 0, "model.lora.alpha", "a finite number > 0")
     need(0 <= m.lora.dropout < 1, "model.lora.dropout", "a number in [0, 1)")
     if m.lora.rank:
         import importlib.util
