@@ -23,8 +23,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (argparse names the option when this raises)."""
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the option when this raises); the benchmarks' options too."""
     try:
         value = int(text)
     except ValueError:
@@ -85,7 +85,7 @@ def _leave_process_group() -> None:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = _parser("atpo-eval")
     parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
-    parser.add_argument("--size", type=_positive_int, help="number of held-out problems (default: eval.size)")
+    parser.add_argument("--size", type=positive_int, help="number of held-out problems (default: eval.size)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

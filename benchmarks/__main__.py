@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from atpo_fast.cli import positive_int
 from benchmarks.common import CPU_COLUMNS, RESULTS_DIR, machine_info, print_table, run_cpu_suite, write_results
 
 KERNEL_MODULES = ["bench_token_stats", "bench_logprobs", "bench_step_rows", "bench_sampler"]
@@ -75,7 +76,7 @@ def main() -> None:
                                          "all"])
     parser.add_argument("run_dir", nargs="?", help="the run folder (analyze)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--layers", type=int, default=4, help="trainer: layers of the LLaDA-shaped model")
+    parser.add_argument("--layers", type=positive_int, default=4, help="trainer: layers of the LLaDA-shaped model")
     args, rest = parser.parse_known_args()
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -93,7 +94,10 @@ def main() -> None:
             parser.error("analyze needs RUN_DIR")
         from atpo_fast.analysis import analyze_run
 
-        report = analyze_run(args.run_dir)
+        try:
+            report = analyze_run(args.run_dir)
+        except ValueError as error:  # not a run folder, or one without a checkpoint
+            parser.error(str(error))
         print(json.dumps({name: data["best_window"] for name, data in report["signals"].items()}, indent=2))
         print(f"wrote {args.run_dir}/analysis.json and analysis.png")
 

@@ -24,6 +24,7 @@ import zlib
 
 import torch
 
+from atpo_fast.cli import positive_int
 from atpo_fast.config import load_config
 from atpo_fast.models import TinyConfig, TinyDiffusionLM
 from atpo_fast.reference import llada_step
@@ -130,7 +131,7 @@ def run(variant: str, shape: dict, plan: dict, device: str, iterations: int = 2)
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU shapes, no result files")
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers of the LLaDA-shaped model")
+    parser.add_argument("--layers", type=positive_int, default=4, help="transformer layers of the LLaDA-shaped model")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     shape = dict(LLADA_SHAPE, num_layers=args.layers) if cuda else QUICK_SHAPE

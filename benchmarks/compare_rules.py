@@ -32,6 +32,7 @@ from pathlib import Path
 from atpo_fast import checkpoint
 from atpo_fast.analysis import analyze_run
 from atpo_fast.checkpoint import CHECKPOINT
+from atpo_fast.cli import positive_int
 from atpo_fast.config import load_config
 from atpo_fast.distributed import Dist
 from atpo_fast.run import METRICS, read_metrics, train
@@ -231,13 +232,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI smoke: small model, 2 seeds, 2 iterations")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default",
                         help="the task setting: the default job, or configs/zones.yaml")
-    parser.add_argument("--iterations", type=int, help="per run (default: 40, zones 30)")
+    parser.add_argument("--iterations", type=positive_int, help="per run (default: 40, zones 30)")
     parser.add_argument("--variants", help="comma-separated short names to run, in the table's order "
                                            "(default: all; e.g. uniform,hybrid-select,egspo,drift)")
-    parser.add_argument("--analysis-samples", type=int, default=4,
+    parser.add_argument("--analysis-samples", type=positive_int, default=4,
                         help="sampled responses per held-out problem for the confusion-zone analysis of the "
                              "published rules' checkpoints (0: no analysis)")
     parser.add_argument("--work-dir", default=".cache/compare_rules", help="where the runs' folders go")

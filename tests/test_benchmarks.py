@@ -204,3 +204,16 @@ def test_ab_bench_prepares_an_importable_older_kernels_package(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert callable(old.softmax_row_stats) and old.softmax_row_stats.__module__ == "kernels_old.token_stats"
+
+
+def test_bad_benchmark_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from benchmarks import __main__ as entry
+    from benchmarks.compare_rules import main as compare
+
+    with pytest.raises(SystemExit):
+        compare(["--seeds", "0"])
+    assert "argument --seeds: expects an int >= 1, got '0'" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "analyze", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        entry.main()
+    assert f"error: {tmp_path} holds no checkpoint/ folder" in capsys.readouterr().err
