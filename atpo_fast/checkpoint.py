@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from atpo_fast.config import CONFIG
+
 from atpo_fast.distributed import Dist
 
 if TYPE_CHECKING:
     from atpo_fast.trainer import Trainer
 
 CHECKPOINT = "checkpoint"  # the checkpoint folder inside a run folder
-CONFIG = "config.yaml"  # the run's resolved config inside a run folder
 BASE = "base"  # a LoRA run of the tiny model: its frozen base (the warm start), which no checkpoint holds
 
 

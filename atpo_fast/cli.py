@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from atpo_fast.config import load_config
+from atpo_fast.config import CONFIG, load_config
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -49,7 +49,11 @@ def parse_train_args(argv: list[str]):
     for flag, key in (("model", "model.path"), ("task", "task.name"), ("data", "task.data"), ("name", "logging.name")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
-    return args, load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    saved = config.run_folder() / CONFIG
+    if args.resume and args.config is None and saved.is_file():  # the run's own config, the overrides over it
+        config = load_config(saved, overrides)
+    return args, config
 
 
 def train_main(argv: list[str] | None = None) -> int:

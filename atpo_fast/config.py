@@ -169,6 +169,33 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def run_folder(self) -> Path:
+        """Where the run lands: logging.run_dir / (logging.name, or <task>-<rule>-seed<seed>)."""
+        name = self.logging.name or f"{self.task.name}-{self.selection.rule}-seed{self.seed}"
+        return Path(self.logging.run_dir) / name
+
+
+CONFIG = "config.yaml"  # the run's resolved config inside its run folder
+# what a resumed run may change: how long it trains, how it logs and evaluates, where and on how many ranks
+RESUMABLE = ("optim.iterations", "logging.", "eval.", "device", "backend", "distributed.", "warmstart.cache_dir")
+
+
+def check_resumable(saved: TrainConfig, config: TrainConfig) -> None:
+    """A ValueError naming every key outside RESUMABLE whose value differs from the run's saved config."""
+    def flat(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    old, new = flat(saved.to_dict()), flat(config.to_dict())
+    changed = [f"{key} ({old.get(key)!r} in the run, {new.get(key)!r} here)" for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and not key.startswith(RESUMABLE)]
+    if changed:
+        raise ValueError(f"a resumed run keeps its config, and these config keys differ from its {CONFIG}: "
+                         f"{'; '.join(changed)}. Resume without them (atpo-train --resume starts from the run's "
+                         f"own config), or start a new run; only {', '.join(RESUMABLE)} may change")
+
 
 def check_values(config: TrainConfig) -> None:
     """Ranges and cross-field rules of a typed config; a ValueError naming the key(s) otherwise."""

@@ -19,18 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from atpo_fast import checkpoint, distributed
-from atpo_fast.checkpoint import CHECKPOINT, CONFIG
-from atpo_fast.config import TrainConfig, save_config
+from atpo_fast.checkpoint import CHECKPOINT
+from atpo_fast.config import CONFIG, TrainConfig, check_resumable, load_config, save_config
 from atpo_fast.io import atomic_write
 from atpo_fast.trainer import Trainer, build_model, build_task, resolve_device
 from atpo_fast.warmstart import warm_start
 
 METRICS = "metrics.jsonl"
 SCALARS = ("reward", "accuracy", "loss", "kl", "clip_fraction", "grad_norm")  # what TensorBoard gets
-
-
-def run_name(config: TrainConfig) -> str:
-    return config.logging.name or f"{config.task.name}-{config.selection.rule}-seed{config.seed}"
 
 
 def make_run_folder(run_dir: Path) -> None:
@@ -56,10 +52,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Run (or resume) a training run; returns the summary. Everything lands in run_dir/<name>/."""
     from atpo_fast.plots import write_plots
 
-    run_dir = Path(config.logging.run_dir) / run_name(config)
+    run_dir = config.run_folder()
     checkpoint_dir, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     if resume and checkpoint.find(checkpoint_dir) is None:
         raise ValueError(f"cannot resume: {checkpoint_dir} does not exist")
+    if resume:
+        check_resumable(load_config(run_dir / CONFIG), config)
     if not resume and metrics_path.exists():
         raise ValueError(f"run folder {run_dir} already holds a run; pass --resume, or choose another "
                          f"logging.name")

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from atpo_fast.checkpoint import CONFIG
-from atpo_fast.config import read_yaml
+from atpo_fast.config import CONFIG, read_yaml
 from atpo_fast.models.synthetic import LLADA_8B, TINY, write_checkpoint
 from atpo_fast.tasks import Example, Task, register_task
 from atpo_fast.tasks.jsonl import extract_number

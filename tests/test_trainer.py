@@ -124,6 +124,27 @@ def test_console_scripts(tmp_path, capsys):
     assert eval_main([str(tmp_path / "missing")]) == 2
 
 
+def test_resume_starts_from_the_runs_config_and_refuses_changes_to_it(tmp_path, capsys):
+    """A resumed run that silently took other settings (the CLI's defaults where the first call had overrides)
+    would train something else under the run's name; a changed model shape failed inside the checkpoint load."""
+    args = [*SMALL, f"logging.run_dir={tmp_path}", f"warmstart.cache_dir={tmp_path / 'cache'}"]
+    assert train_main(["--quiet", "--name", "r", *args, "selection.rule=uniform", "optim.iterations=1"]) == 0
+    resume = ["--quiet", "--name", "r", "--resume", *args]
+    assert train_main([*resume, "model.tiny.hidden_size=64", "optim.iterations=2"]) == 2
+    err = capsys.readouterr().err
+    assert "a resumed run keeps its config" in err and "model.tiny.hidden_size (32 in the run, 64 here)" in err
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert saved.model.tiny.hidden_size == 32, "the refused resume left the run's config alone"
+    # without --config the run's own config is the base: selection.rule stays uniform, iterations may grow
+    assert train_main([*resume, "optim.iterations=2"]) == 0
+    resumed = load_config(tmp_path / "r" / "config.yaml")
+    assert resumed.selection.rule == "uniform" and resumed.optim.iterations == 2
+    assert [m["iteration"] for m in read(tmp_path / "r" / "metrics.jsonl") if "phase" not in m] == [0, 1]
+    with pytest.raises(ValueError, match=r"selection.rule \('uniform' in the run, 'hybrid' here\)"):
+        train(load_config(None, SMALL + [f"logging.run_dir={tmp_path}", "logging.name=r", "optim.iterations=3"]),
+              resume=True, progress=False)
+
+
 def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
     import atpo_fast.run as run_module
 
