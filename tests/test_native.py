@@ -163,6 +163,18 @@ def test_unknown_implementation(tmp_path, gen):
                              implementation="jax")
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype="bf16", device="cpu"), "dtype must be torch.float32, torch.bfloat16 or torch.float16, got 'bf16'"),
+    (dict(dtype=torch.int32, device="cpu"), "dtype must be .*got torch.int32"),
+    (dict(dtype=torch.float32, device="tpu"), "device must be a torch device .* got 'tpu'"),
+])
+def test_bad_dtype_or_device_is_named(tmp_path, gen, kwargs, match):
+    """Not a TypeError from Tensor.to or a RuntimeError from load_state_dict."""
+    write_checkpoint(tmp_path / "llada", "llada", gen)
+    with pytest.raises(ValueError, match=match):
+        load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", **kwargs)
+
+
 @pytest.mark.parametrize("bad, message", [(dict(family="gpt2"), "family must be one of"),
                                           (dict(shards=0), "shards must be a positive int"),
                                           (dict(shape={"hidden": 8}), "shape lacks")])

@@ -93,7 +93,8 @@ class HFDiffusionLM(DiffusionLM):
         return hidden
 
 
-def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.bfloat16,
+                         device: str | torch.device = "cuda",
                          implementation: str = "native", attn_implementation: str | None = None) -> DiffusionLM:
     """Load a LLaDA or Dream checkpoint from the local folder `path` (no download).
 
@@ -106,6 +107,14 @@ def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.b
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is CUDA, and this machine has no CUDA GPU (or torch is a CPU build); use device='cpu'")
     fam = FAMILIES[family]
     folder = Path(path)
     if not folder.is_dir():
