@@ -150,3 +150,5 @@ def test_register_a_task():
         get_task("nope")
     with pytest.raises(ValueError, match="bad options for task 'echo-test'"):
         get_task("echo-test", colour="red")
+    with pytest.raises(ValueError, match=r"task 'sudoku4' with options \{'train_size': 0\} has no train examples"):
+        get_task("sudoku4", train_size=0)  # the trainer would draw prompts from an empty list

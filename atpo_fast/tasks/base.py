@@ -51,6 +51,10 @@ def get_task(name: str, **options) -> Task:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     try:
-        return TASKS[name](**options)
+        task = TASKS[name](**options)
     except TypeError as err:
-        raise ValueError(f"bad options for task {name!r}: {err}") from err
+        raise ValueError(f"bad options for task {name!r} (task.options): {err}") from err
+    for split in ("train", "test"):  # a training run draws prompts from one and evaluates on the other
+        if not getattr(task, split):
+            raise ValueError(f"task {name!r} with options {options} has no {split} examples (task.options)")
+    return task
