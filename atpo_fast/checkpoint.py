@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from atpo_fast.config import CONFIG
-
 from atpo_fast.distributed import Dist
 
 if TYPE_CHECKING:

@@ -54,11 +54,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     run_dir = config.run_folder()
     checkpoint_dir, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
-    if resume and checkpoint.find(checkpoint_dir) is None:
-        raise ValueError(f"cannot resume: {checkpoint_dir} does not exist")
     if resume:
+        if checkpoint.find(checkpoint_dir) is None:
+            raise ValueError(f"cannot resume: {checkpoint_dir} does not exist")
         check_resumable(load_config(run_dir / CONFIG), config)
-    if not resume and metrics_path.exists():
+    elif metrics_path.exists():
         raise ValueError(f"run folder {run_dir} already holds a run; pass --resume, or choose another "
                          f"logging.name")
 
