@@ -57,6 +57,7 @@ def parse_train_args(argv: list[str]):
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    config = None
     try:
         args, config = parse_train_args(sys.argv[1:] if argv is None else argv)
         from atpo_fast.run import train
@@ -65,6 +66,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"atpo-train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say how to continue instead of a traceback
+        folder = None if config is None else config.run_folder()
+        where = "" if folder is None else (f"; once a checkpoint is written, `atpo-train --resume --name {folder.name} "
+                                           f"logging.run_dir={folder.parent}` continues from it")
+        print(f"atpo-train: interrupted{where}", file=sys.stderr)
+        return 130
     finally:
         _leave_process_group()
     if int(os.environ.get("RANK", "0")) != 0:

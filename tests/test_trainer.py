@@ -145,6 +145,17 @@ def test_resume_starts_from_the_runs_config_and_refuses_changes_to_it(tmp_path, 
               resume=True, progress=False)
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import atpo_fast.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "train", interrupted)
+    assert train_main(["--quiet", "--name", "x", *SMALL, f"logging.run_dir={tmp_path}"]) == 130
+    assert f"`atpo-train --resume --name x logging.run_dir={tmp_path}` continues" in capsys.readouterr().err
+
+
 def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
     import atpo_fast.run as run_module
 
