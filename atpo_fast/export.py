@@ -25,7 +25,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> str
     from atpo_fast.checkpoint import load_run
 
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export folder {str(out)!r} exists and is not an empty folder")
     try:  # before the checkpoint loads: a folder that cannot be made fails at once
         out.mkdir(parents=True, exist_ok=True)

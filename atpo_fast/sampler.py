@@ -40,9 +40,11 @@ def _check_args(model, prompt_ids, attention_mask, gen_length, block_length, ste
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     if steps % (gen_length // block_length):
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks ({gen_length // block_length})")
-    if prompt_ids.numel() and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < model.vocab_size:
-        raise ValueError(f"prompt_ids must lie in [0, {model.vocab_size}) (the model's vocabulary), found "
-                         f"{int(prompt_ids.min())} .. {int(prompt_ids.max())}")
+    if prompt_ids.numel():
+        lowest, highest = torch.stack(torch.aminmax(prompt_ids)).tolist()  # one reduction, one host sync
+        if lowest < 0 or highest >= model.vocab_size:
+            raise ValueError(f"prompt_ids must lie in [0, {model.vocab_size}) (the model's vocabulary), found "
+                             f"{lowest} .. {highest}")
     if prompt_ids.shape[1] + gen_length > model.max_length:
         raise ValueError(f"prompt_ids length {prompt_ids.shape[1]} plus gen_length {gen_length} exceeds the "
                          f"model's context of {model.max_length} tokens")

@@ -33,7 +33,7 @@ from atpo_fast import checkpoint
 from atpo_fast.analysis import analyze_run
 from atpo_fast.checkpoint import CHECKPOINT
 from atpo_fast.cli import positive_int
-from atpo_fast.config import load_config
+from atpo_fast.config import CONFIG, load_config
 from atpo_fast.distributed import Dist
 from atpo_fast.run import METRICS, read_metrics, train
 from atpo_fast.trainer import build_model, build_task, resolve_device
@@ -81,7 +81,8 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], wor
     run_name = f"{slug(name)}-seed{seed}"
     config = load_config(config_file, base + overrides + [f"seed={seed}", f"logging.run_dir={work}",
                                                    f"logging.name={run_name}"])
-    run_dir, saved = work / run_name, work / run_name / "config.yaml"
+    run_dir = config.run_folder()
+    saved = run_dir / CONFIG
     same = saved.exists() and load_config(saved).to_dict() == config.to_dict()  # keys added since take defaults
     if same and (run_dir / "summary.json").exists():  # finished by an earlier, interrupted comparison
         summary = json.loads((run_dir / "summary.json").read_text())
