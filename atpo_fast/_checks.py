@@ -83,6 +83,12 @@ def check_temperature(temperature: float | None, *, allow_zero: bool, name: str 
     return temperature
 
 
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """None, or an int in [0, 2**64) (what torch.Generator.manual_seed takes)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"{name} must be an int in [0, 2**64) or None, got {seed!r}")
+
+
 def check_backend(backend: str, tensor: torch.Tensor, name: str) -> str:
     """Resolve "auto" to "triton" on CUDA and "torch" elsewhere for the device of `tensor` (the
     argument called `name`); validate explicit choices."""

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from atpo_fast._checks import check_temperature
+from atpo_fast._checks import check_seed, check_temperature
 from atpo_fast.choices import CACHE_MODES, REMASKING_RULES
 from atpo_fast.distributed import all_reduce
 from atpo_fast.models.base import DiffusionLM
@@ -28,7 +28,7 @@ def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + (torch.arange(steps, device=masked_count.device)[None, :] < remainder[:, None]).long()
 
 
-def _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold):
+def _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold, seed):
     if not isinstance(model, DiffusionLM):
         raise ValueError(f"model must be an atpo_fast DiffusionLM, got {type(model).__name__}")
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype != torch.int64:
@@ -55,9 +55,32 @@ def _check_args(model, prompt_ids, attention_mask, gen_length, block_length, ste
             raise ValueError(f"threshold works with remasking 'low_confidence' or 'margin', got {remasking!r}")
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    if attention_mask is not None and (attention_mask.shape != prompt_ids.shape
-                                       or attention_mask.device != prompt_ids.device):
-        raise ValueError(f"attention_mask must match prompt_ids' shape {tuple(prompt_ids.shape)} and device")
+    if attention_mask is not None:
+        _check_left_padding(attention_mask, prompt_ids)
+    check_seed(seed)
+
+
+def _check_left_padding(attention_mask: torch.Tensor, prompt_ids: torch.Tensor) -> None:
+    """attention_mask [B, Lp]: 0 then 1 along each row (left padding), at least one 1 per row."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt_ids.shape \
+            or attention_mask.device != prompt_ids.device:
+        raise ValueError(f"attention_mask must be a tensor of prompt_ids' shape {tuple(prompt_ids.shape)} on its "
+                         f"device")
+    if not attention_mask.numel():
+        return
+    mask = attention_mask.long()
+    # one host sync for the three checks; right padding would put padding between a prompt and its response,
+    # where a model whose position i predicts token i + 1 (Dream) would read the response's first token off it
+    not_binary, right_padded, empty = torch.stack([
+        ((mask != 0) & (mask != 1)).any() | (mask != attention_mask).any(),
+        (mask[:, 1:] < mask[:, :-1]).any(), (mask[:, -1] == 0).any()]).tolist()
+    if not_binary:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+    if right_padded:
+        raise ValueError("attention_mask must be left-padded (each row's 0s before its 1s); tokenize with "
+                         "padding_side='left'")
+    if empty:
+        raise ValueError("attention_mask has a row without a real token; every prompt needs at least one")
 
 
 def _scatter(values: torch.Tensor, b_idx, p_idx, shape, fill: float) -> torch.Tensor:
@@ -179,7 +202,7 @@ def generate(
     KV caches, models/kv_cache.py: a full forward when a block starts, then the block's queries only);
     cache_refresh=n makes that full forward again every n steps of a block (n = 1: the exact sampler).
     """
-    _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold)
+    _check_args(model, prompt_ids, attention_mask, gen_length, block_length, steps, remasking, threshold, seed)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cache_refresh is not None and (isinstance(cache_refresh, bool) or not isinstance(cache_refresh, int)

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from atpo_fast._checks import check_seed
 from atpo_fast.choices import MODES
 from atpo_fast.distributed import all_reduce
 from atpo_fast.trace import Trace
@@ -150,6 +151,7 @@ def select_steps(trace: Trace, budget: int, rule: str = "hybrid", mode: str = "s
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if not tau >= 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
+    check_seed(seed)
     batch, steps = trace.count.shape
     starts = torch.full((batch, budget), -1, dtype=torch.int64)
     ends = starts.clone()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from atpo_fast import generate, step_stats, token_stats
-from atpo_fast.models import TinyConfig, TinyDiffusionLM
+from atpo_fast.models import TinyConfig, TinyDiffusionLM, load_hf_diffusion_lm
+from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.reference import llada_generate
 from atpo_fast.sampler import transfer_schedule
 from atpo_fast.trace import concat_rollouts
@@ -225,6 +226,40 @@ def test_bad_arguments(model, kwargs, match):
     prompt = torch.tensor([model.tokenizer.encode("12+34=")])
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, **kwargs)
+
+
+@pytest.mark.parametrize("mask,match", [
+    ([[1, 1, 1, 0], [1, 1, 1, 1]], "attention_mask must be left-padded"),  # right padding: Dream would read a pad's prediction
+    ([[0, 1, 2, 2], [1, 1, 1, 1]], "attention_mask must hold only 0"),  # a 2 would count its position twice
+    ([[0, 0.5, 1, 1], [1, 1, 1, 1]], "attention_mask must hold only 0"),
+    ([[0, 0, 0, 0], [1, 1, 1, 1]], "attention_mask has a row without a real token"),
+    ([[1, 1, 1, 1]], "attention_mask must be a tensor of prompt_ids' shape"),
+])
+def test_attention_masks_that_are_not_left_padding_are_an_error(model, mask, match):
+    prompt = torch.tensor([model.tokenizer.encode("1+2=")] * 2)
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompt, gen_length=8, block_length=4, steps=4, attention_mask=torch.tensor(mask))
+
+
+def test_right_padding_changes_a_shifted_models_logits(tmp_path, gen):
+    """Why generate refuses right padding: the pad before the response predicts Dream's first response token."""
+    write_checkpoint(tmp_path, "dream", gen)
+    dream = load_hf_diffusion_lm(str(tmp_path), "dream", dtype=torch.float32, device="cpu")
+    prompt, response = torch.randint(5, 60, (1, 4), generator=gen), torch.full((1, 4), dream.mask_id)
+    alone = dream.logits(torch.cat([prompt, response], 1), None)[:, 4:]
+    right = dream.logits(torch.cat([prompt, torch.full((1, 2), dream.pad_id), response], 1),
+                         torch.tensor([[1, 1, 1, 1, 0, 0, 1, 1, 1, 1]]))[:, 6:]
+    left = dream.logits(torch.cat([torch.full((1, 2), dream.pad_id), prompt, response], 1),
+                        torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1]]))[:, 6:]
+    torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-5)
+    assert (right[:, 0] - alone[:, 0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2**64])
+def test_bad_seeds_are_named(model, seed):
+    prompt = torch.tensor([model.tokenizer.encode("1+2=")])
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        generate(model, prompt, gen_length=8, block_length=4, steps=4, temperature=1.0, seed=seed)
 
 
 @pytest.mark.parametrize("shift", [-100, 10**6])

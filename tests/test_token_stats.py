@@ -557,6 +557,7 @@ def test_empty_leading_shape(backend):
     (dict(logits=torch.zeros(2, 5), targets=torch.tensor([-100, 0])), "targets must lie in"),
     (dict(logits=torch.zeros(2, 5), targets=torch.zeros(2, dtype=torch.int64, device="meta")), "targets must be on"),
     (dict(logits=torch.zeros(2, 5), seed=-1), "seed"),
+    (dict(logits=torch.zeros(2, 5), seed=2**64, temperature=1.0), r"seed must be an int in \[0, 2\*\*64\)"),
     (dict(logits=torch.zeros(2, 5), backend="cuda"), "backend must be"),
 ])
 def test_bad_input(kwargs, match):

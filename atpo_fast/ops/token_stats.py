@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from atpo_fast._checks import IGNORE_INDEX, check_backend, check_logits, check_targets, check_temperature
+from atpo_fast._checks import (IGNORE_INDEX, check_backend, check_logits, check_seed, check_targets,
+                               check_temperature)
 from atpo_fast.kernels.outputs import row_stat_outputs
 
 DEFAULT_CHUNK_ELEMS = 1 << 20
@@ -272,8 +273,7 @@ def token_stats(
     temperature = check_temperature(temperature, allow_zero=True)
     if targets is not None:
         check_targets(targets, logits.shape[:-1], vocab, logits.device, allow_ignore=False)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    check_seed(seed)
     op = _token_stats_op if torch.compiler.is_compiling() else _token_stats_impl
     outs = op(logits, temperature, seed, targets, backend)
     shape = logits.shape[:-1]
