@@ -243,6 +243,11 @@ def check_values(config: TrainConfig) -> None:
     need(s.cache_refresh is None or s.cache_refresh >= 1, "sampler.cache_refresh", "an int >= 1 or null")
     need(m.tiny.vocab_size is None or m.tiny.vocab_size >= 4 + len(m.tiny.chars), "model.tiny.vocab_size",
          f"null or an int >= {4 + len(m.tiny.chars)} (the alphabet and four special tokens)")
+    need(len(set(m.tiny.chars)) == len(m.tiny.chars) > 0, "model.tiny.chars", "characters none of which repeats")
+    need(m.kind != "tiny" or m.attn_implementation is None, "model.attn_implementation",
+         "null for model.kind='tiny' (its own is model.tiny.attn_implementation)")
+    need(m.lora.rank > 0 or m.lora.target_modules is None, "model.lora.target_modules",
+         "null when model.lora.rank is 0 (no adapters)")
     need(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
          f"a multiple of model.tiny.num_heads ({m.tiny.num_heads})")
     need(s.gen_length % s.block_length == 0, "sampler.gen_length",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import random
 import resource
@@ -41,7 +42,7 @@ from atpo_fast.models.lora import add_lora, enable_activation_checkpointing, tra
 from atpo_fast.ops.step_rows import StepRows, build_step_rows
 from atpo_fast.sampler import generate
 from atpo_fast.selection import hybrid_score, reached_sum, select_steps, step_signals
-from atpo_fast.tasks import Example, Task, get_task
+from atpo_fast.tasks import TASKS, Example, Task, get_task
 from atpo_fast.trace import Rollout, Trace, concat_rollouts
 
 
@@ -66,8 +67,26 @@ def build_model(config: TrainConfig, device: torch.device) -> DiffusionLM:
 def build_task(config: TrainConfig) -> Task:
     options = dict(config.task.options)
     if config.task.data is not None:
+        parameters = inspect.signature(TASKS[config.task.name]).parameters
+        if "data" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise ValueError(f"config key 'task.data' expects null for task.name={config.task.name!r} (that task "
+                             f"reads no file), got {config.task.data!r}")
         options["data"] = config.task.data
     return get_task(config.task.name, **options)
+
+
+def check_context(model: DiffusionLM, task: Task, gen_length: int) -> None:
+    """Every train and test prompt of task, encoded, holds a token and fits the model's context with a
+    response of gen_length (sampler.gen_length): checked before any work, not at the first rollout that
+    draws a long prompt."""
+    lengths = [len(model.encode_prompt(example.prompt)) for example in task.train + task.test]
+    if min(lengths) == 0:
+        raise ValueError(f"task prompt {lengths.index(0)} (of train, then test) encodes to no token; every "
+                         f"prompt needs at least one")
+    if max(lengths) + gen_length > model.max_length:
+        where = " (model.tiny.max_length)" if isinstance(model, TinyDiffusionLM) else ""
+        raise ValueError(f"the task's longest prompt ({max(lengths)} tokens) plus sampler.gen_length "
+                         f"({gen_length}) exceeds the model's context of {model.max_length} tokens{where}")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -132,6 +151,7 @@ class Trainer:
         self.device = resolve_device(config, self.dist)
         self.task = task if task is not None else build_task(config)
         self.model = model.to(self.device) if model is not None else build_model(config, self.device)
+        check_context(self.model, self.task, config.sampler.gen_length)
         # LoRA: adapters injected in place, everything else frozen; self.peft writes peft's adapter format
         self.peft = (add_lora(self.model, config.model.lora, derive_seed(config.seed, "lora"))
                      if config.model.lora.rank else None)

@@ -113,6 +113,9 @@ def test_missing_file():
     ("sampler.cache_refresh=0", "'sampler.cache_refresh' expects an int >= 1 or null"),
     ("model.implementation=hub", "'model.implementation' expects one of 'native', 'remote'"),
     ("device=cpu distributed.backend=nccl", "'distributed.backend' expects 'auto' or 'gloo' with device='cpu'"),
+    ("model.tiny.chars=aab", "'model.tiny.chars' expects characters none of which repeats, got 'aab'"),
+    ("model.attn_implementation=eager", r"'model.attn_implementation' expects null for model.kind='tiny' \(its own"),
+    ("model.lora.target_modules=[q_proj]", "'model.lora.target_modules' expects null when model.lora.rank is 0"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):

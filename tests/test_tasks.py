@@ -131,6 +131,17 @@ def test_jsonl_errors(tmp_path):
     bad.write_text('{"question": "q", "answer": "none"}\n{"question": "q", "answer": "1"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: the answer holds no number"):
         get_task("jsonl", data=str(bad))
+    for question in ('""', '" "', "5", "null"):  # would reach the tokenizer, or make a prompt of no token
+        bad.write_text(f'{{"question": "q", "answer": "1"}}\n{{"question": {question}, "answer": "2"}}\n')
+        with pytest.raises(ValueError, match="bad.jsonl:2: the question must be a non-empty string"):
+            get_task("jsonl", data=str(bad))
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        get_task("jsonl", data=str(tmp_path))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "q", "answer": "1"}\n{"question": "r", "answer": "2"}\n')
+    for fraction in (0, 1, -0.5, 1.5, "0.1"):
+        with pytest.raises(ValueError, match=r"test_fraction \(task.options\) must be a number in \(0, 1\)"):
+            get_task("jsonl", data=str(good), test_fraction=fraction)
 
 
 def test_register_a_task():

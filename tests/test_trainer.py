@@ -1,7 +1,9 @@
 """The trainer on CPU with a very small tiny model: one iteration, resume, NaN handling, the console scripts."""
 
+import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,10 @@ import atpo_fast.trainer as trainer_module
 from atpo_fast import checkpoint
 from atpo_fast.cli import eval_main, train_main
 from atpo_fast.config import load_config
+from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.run import train
+from atpo_fast.tasks import get_task
 from atpo_fast.trainer import Trainer
 from atpo_fast.warmstart import warm_start
 
@@ -166,6 +170,36 @@ def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, cap
     (tmp_path / "a_file").write_text("")
     assert train_main(["--quiet", *SMALL, f"logging.run_dir={tmp_path / 'a_file' / 'runs'}"]) == 2
     assert "config key 'logging.run_dir' expects a folder this process can write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,match", [
+    # sudoku4's prompts take 17 tokens: with a 16-token response they do not fit 30
+    ("model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 30}",
+     r"the task's longest prompt \(17 tokens\) plus sampler.gen_length \(16\) exceeds the model's context of 30 "
+     r"tokens \(model.tiny.max_length\)"),
+    ("task.data=problems.jsonl", "config key 'task.data' expects null for task.name='sudoku4' .that task reads no file"),
+])
+def test_task_and_context_mistakes_fail_before_the_warm_start(tmp_path, capsys, monkeypatch, override, match):
+    import atpo_fast.run as run_module
+
+    def warm_start_on_every_rank(*args, **kwargs):
+        raise AssertionError("the warm start ran before the check")
+
+    monkeypatch.setattr(run_module, "warm_start_on_every_rank", warm_start_on_every_rank)
+    assert train_main(["--quiet", *SMALL, f"logging.run_dir={tmp_path}", override]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_trainer_refuses_a_task_whose_prompts_do_not_fit(tmp_path):
+    """The same check for API users who hand Trainer their own model and task."""
+    config = small_config(tmp_path)
+    model = TinyDiffusionLM(dataclasses.replace(config.model.tiny, max_length=20))
+    with pytest.raises(ValueError, match=r"longest prompt \(17 tokens\) plus sampler.gen_length \(16\)"):
+        Trainer(config, model)
+    empty = get_task("sudoku4", train_size=4, test_size=2)
+    empty.train[0] = dataclasses.replace(empty.train[0], prompt="")
+    with pytest.raises(ValueError, match="task prompt 0 .of train, then test. encodes to no token"):
+        Trainer(config, task=empty)
 
 
 @pytest.mark.parametrize("implementation", ["native", "remote"])

@@ -41,9 +41,11 @@ class JsonlTask(Task):
     def __init__(self, data: str | None = None, test_fraction: float = 0.1, seed: int = 0):
         if data is None:
             raise ValueError("the jsonl task needs data=PATH to a local JSONL file")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction (task.options) must be a number in (0, 1), got {test_fraction!r}")
         path = Path(data)
         if not path.is_file():
-            raise ValueError(f"data file {data!r} does not exist")
+            raise ValueError(f"data file {data!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
         examples = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
@@ -53,6 +55,8 @@ class JsonlTask(Task):
                 question, answer = row["question"], str(row["answer"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{data}:{number}: expected a JSON object with 'question' and 'answer'") from err
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{data}:{number}: the question must be a non-empty string, got {question!r}")
             reference = extract_number(answer)
             if reference is None:
                 raise ValueError(f"{data}:{number}: the answer holds no number")
