@@ -1,7 +1,9 @@
-"""File helpers: atomic writes, so a run that dies mid-write never leaves a torn file."""
+"""File helpers: atomic writes, so a run that dies mid-write never leaves a torn file, and JSON reads
+whose failure names the file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -16,3 +18,14 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in path; a ValueError naming the file when it is not one (a torn download, an edit)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

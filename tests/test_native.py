@@ -182,3 +182,26 @@ def test_synthetic_checkpoint_refuses_bad_arguments_by_name(tmp_path, gen, bad, 
     args = {"family": "llada", **bad}
     with pytest.raises(ValueError, match=message):
         write_checkpoint(tmp_path / "x", args.pop("family"), gen, **args)
+
+
+def _remove_first_shard(folder):
+    sorted(folder.glob("*.safetensors"))[0].unlink()
+
+
+def _truncate_first_shard(folder):
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_remove_first_shard, "lacks model-00001-of-00002.safetensors, named by model.safetensors.index.json"),
+    (_truncate_first_shard, "model-00001-of-00002.safetensors is not a readable safetensors file"),
+    (lambda folder: (folder / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    (lambda folder: (folder / "model.safetensors.index.json").write_text("[]"), "index.json must hold a JSON object"),
+])
+def test_a_damaged_checkpoint_folder_is_named(tmp_path, gen, damage, match):
+    """An incomplete download or a bad edit: a ValueError naming the file, not safetensors' or json's own error."""
+    write_checkpoint(tmp_path / "llada", "llada", gen)
+    damage(tmp_path / "llada")
+    with pytest.raises(ValueError, match=match):
+        load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", dtype=torch.float32, device="cpu")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from atpo_fast.choices import IMPLEMENTATIONS
+from atpo_fast.io import read_json
 from atpo_fast.models.base import DiffusionLM, decode_until_eos, encode_with_chat_template, positions_from_mask
 
 
@@ -122,7 +122,7 @@ def load_hf_diffusion_lm(path: str, family: str, *, dtype: torch.dtype = torch.b
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model path {str(path)!r} holds no config.json: not a transformers checkpoint")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     model_type = config.get("model_type")
     if model_type not in fam.model_types:
         raise ValueError(f"model path {str(path)!r} is not a {family} model: config.json model_type is "

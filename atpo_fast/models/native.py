@@ -15,13 +15,14 @@ edge instead).
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from atpo_fast.io import read_json
 from atpo_fast.models.base import (DiffusionLM, bidirectional, bidirectional_hidden_states, decode_until_eos,
                                    encode_with_chat_template)
 
@@ -141,28 +142,40 @@ def checkpoint_tensors(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (through the index when the folder is sharded)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} holds no weight_map")
+        missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if missing:
+            raise ValueError(f"model path {str(folder)!r} lacks {', '.join(missing)}, named by {index.name}")
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
         raise ValueError(f"model path {str(folder)!r} holds neither model.safetensors.index.json nor "
                          f"model.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
+    with _opened(single) as f:
         return {name: single for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    """A safetensors file memory-mapped on the CPU; a ValueError naming it when it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file (an incomplete download?): {err}") from None
+    with handle as f:
+        yield f
 
 
 def _read_weights(files: dict[str, Path], rename: Callable[[str], str | None], dtype: torch.dtype,
                   device: str) -> dict[str, torch.Tensor]:
     """Our state dict, one tensor at a time from memory-mapped shards, each cast to dtype on device."""
-    from safetensors import safe_open
-
     state = {}
     for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _opened(file) as f:
             for name in f.keys():
                 ours = rename(name)
                 if ours is not None and files.get(name) == file:

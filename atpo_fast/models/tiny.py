@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from atpo_fast.config import DEFAULT_CHARS, TinyConfig
-from atpo_fast.io import atomic_write
+from atpo_fast.io import atomic_write, read_json
 from atpo_fast.models.base import DiffusionLM, bidirectional, bidirectional_hidden_states
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>", "<bos>")
@@ -106,7 +106,7 @@ class TinyDiffusionLM(DiffusionLM):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(f"path {str(path)!r} holds no config.json: not a saved TinyDiffusionLM")
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file)
         if config.pop("model_type", None) != MODEL_TYPE:
             raise ValueError(f"path {str(path)!r} is not a TinyDiffusionLM (model_type is not {MODEL_TYPE!r})")
         model = cls(TinyConfig(**config))
