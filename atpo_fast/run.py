@@ -45,7 +45,24 @@ def make_run_folder(run_dir: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of metrics.jsonl. A last line without its newline is a record whose write was cut (the
+    process killed, the disk full): it is dropped when it does not parse, as its iteration runs again on
+    resume. A bad line anywhere else is an error naming the file and line."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number} is not a JSON record") from None
+    return records
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:

@@ -149,6 +149,20 @@ def test_resume_starts_from_the_runs_config_and_refuses_changes_to_it(tmp_path, 
               resume=True, progress=False)
 
 
+def test_a_metrics_line_cut_by_a_kill_does_not_stop_the_resume(tmp_path):
+    """A process killed (or a disk filled) while appending a record leaves half a line without its newline."""
+    train(small_config(tmp_path, "optim.iterations=1", "logging.name=r"), progress=False)
+    metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"iteration": 1, "reward": 0.5')
+    train(small_config(tmp_path, "optim.iterations=2", "logging.name=r"), resume=True, progress=False)
+    assert [m["iteration"] for m in read(metrics) if "phase" not in m] == [0, 1]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:1] + ["{torn"] + lines[1:]) + "\n")  # not the last line: not a cut write
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON record"):
+        train(small_config(tmp_path, "optim.iterations=3", "logging.name=r"), resume=True, progress=False)
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     import atpo_fast.run as run_module
 
