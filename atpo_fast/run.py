@@ -22,7 +22,7 @@ from atpo_fast import checkpoint, distributed
 from atpo_fast.checkpoint import CHECKPOINT
 from atpo_fast.config import CONFIG, TrainConfig, check_resumable, load_config, save_config
 from atpo_fast.io import atomic_write
-from atpo_fast.trainer import Trainer, build_model, build_task, check_context, resolve_device
+from atpo_fast.trainer import Trainer, build_model, build_task, check_task, resolve_device
 from atpo_fast.warmstart import warm_start
 
 METRICS = "metrics.jsonl"
@@ -89,7 +89,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         model, warm_info = checkpoint.run_model(config, run_dir, device), None
     else:
         model = build_model(config, device)
-        check_context(model, task, config.sampler.gen_length)  # before the warm start's minutes of work
+        check_task(config, model, task)  # before the warm start's minutes of work
         warm_info = warm_start_on_every_rank(model, task, config, device, dist, progress)
         if dist.main:
             checkpoint.keep_base(model, config, run_dir)

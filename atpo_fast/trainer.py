@@ -75,14 +75,22 @@ def build_task(config: TrainConfig) -> Task:
     return get_task(config.task.name, **options)
 
 
-def check_context(model: DiffusionLM, task: Task, gen_length: int) -> None:
-    """Every train and test prompt of task, encoded, holds a token and fits the model's context with a
-    response of gen_length (sampler.gen_length): checked before any work, not at the first rollout that
-    draws a long prompt."""
+def check_task(config: TrainConfig, model: DiffusionLM, task: Task) -> None:
+    """What the run will draw from the task, checked before any work rather than where it is drawn: enough
+    training prompts for an iteration and a warm-start batch, and every prompt, encoded, holding a token
+    and fitting the model's context with a response of sampler.gen_length."""
+    train_size, o, w = len(task.train), config.optim, config.warmstart
+    if train_size < o.prompts_per_iter:
+        raise ValueError(f"config key 'optim.prompts_per_iter' expects at most the task's {train_size} training "
+                         f"prompts, got {o.prompts_per_iter}")
+    if w.steps and train_size < w.batch_size:
+        raise ValueError(f"config key 'warmstart.batch_size' expects at most the task's {train_size} training "
+                         f"prompts, got {w.batch_size}")
     lengths = [len(model.encode_prompt(example.prompt)) for example in task.train + task.test]
     if min(lengths) == 0:
         raise ValueError(f"task prompt {lengths.index(0)} (of train, then test) encodes to no token; every "
                          f"prompt needs at least one")
+    gen_length = config.sampler.gen_length
     if max(lengths) + gen_length > model.max_length:
         where = " (model.tiny.max_length)" if isinstance(model, TinyDiffusionLM) else ""
         raise ValueError(f"the task's longest prompt ({max(lengths)} tokens) plus sampler.gen_length "
@@ -151,7 +159,7 @@ class Trainer:
         self.device = resolve_device(config, self.dist)
         self.task = task if task is not None else build_task(config)
         self.model = model.to(self.device) if model is not None else build_model(config, self.device)
-        check_context(self.model, self.task, config.sampler.gen_length)
+        check_task(config, self.model, self.task)
         # LoRA: adapters injected in place, everything else frozen; self.peft writes peft's adapter format
         self.peft = (add_lora(self.model, config.model.lora, derive_seed(config.seed, "lora"))
                      if config.model.lora.rank else None)

@@ -192,6 +192,9 @@ def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, cap
      r"the task's longest prompt \(17 tokens\) plus sampler.gen_length \(16\) exceeds the model's context of 30 "
      r"tokens \(model.tiny.max_length\)"),
     ("task.data=problems.jsonl", "config key 'task.data' expects null for task.name='sudoku4' .that task reads no file"),
+    # were "Sample larger than population", after the warm start and the first evaluation for prompts_per_iter
+    ("optim.prompts_per_iter=400", "config key 'optim.prompts_per_iter' expects at most the task's 300 training"),
+    ("warmstart.batch_size=400", "config key 'warmstart.batch_size' expects at most the task's 300 training"),
 ])
 def test_task_and_context_mistakes_fail_before_the_warm_start(tmp_path, capsys, monkeypatch, override, match):
     import atpo_fast.run as run_module
@@ -210,7 +213,7 @@ def test_trainer_refuses_a_task_whose_prompts_do_not_fit(tmp_path):
     model = TinyDiffusionLM(dataclasses.replace(config.model.tiny, max_length=20))
     with pytest.raises(ValueError, match=r"longest prompt \(17 tokens\) plus sampler.gen_length \(16\)"):
         Trainer(config, model)
-    empty = get_task("sudoku4", train_size=4, test_size=2)
+    empty = get_task("sudoku4", train_size=16, test_size=2)
     empty.train[0] = dataclasses.replace(empty.train[0], prompt="")
     with pytest.raises(ValueError, match="task prompt 0 .of train, then test. encodes to no token"):
         Trainer(config, task=empty)
