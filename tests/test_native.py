@@ -205,3 +205,14 @@ def test_a_damaged_checkpoint_folder_is_named(tmp_path, gen, damage, match):
     damage(tmp_path / "llada")
     with pytest.raises(ValueError, match=match):
         load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_prompts_are_encoded_through_the_folders_chat_template(tmp_path, gen, family):
+    """An instruct checkpoint's template renders the prompt; transformers 5 hands the ids back in a dict,
+    whose keys ('input_ids', 'attention_mask') were taken for the prompt's tokens."""
+    write_checkpoint(tmp_path / family, family, gen)
+    model = load_hf_diffusion_lm(str(tmp_path / family), family, dtype=torch.float32, device="cpu")
+    assert model.encode_prompt("w1 w6") == [3, 1, 6, 4, 5]  # user w1 w6 end-of-turn assistant
+    ids, mask = model.encode_prompts(["w7", "w1 w6"], "cpu")
+    assert ids.tolist() == [[0, 3, 7, 4, 5], [3, 1, 6, 4, 5]] and mask.tolist() == [[0, 1, 1, 1, 1], [1] * 5]

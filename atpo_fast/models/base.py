@@ -50,8 +50,11 @@ def encode_with_chat_template(tokenizer, text: str) -> list[int]:
     """A task prompt as a transformers tokenizer's chat template lays out one user turn (plain text
     encoding when the tokenizer has no template)."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True))
+        # asked for as a dict: transformers 5 returns one by default (a list of ids before), and list() of
+        # it was its keys
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)
+        return list(encoded["input_ids"])
     return tokenizer.encode(text)
 
 

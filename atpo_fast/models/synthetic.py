@@ -2,7 +2,7 @@
 
 A folder holds what the real ones hold, less the modeling file: config.json with the family's field names,
 the weights under the family's tensor names in safetensors shards with model.safetensors.index.json, and a
-tokenizer (here a word-level one of eight words, w0 .. w7). The tests load them at a tiny shape (TINY); the
+tokenizer with a chat template (here a word-level one of eight words, w0 .. w7). The tests load them at a tiny shape (TINY); the
 GPU check loads one at LLaDA-8B's exact shape (LLADA_8B) through the native loader and runs atpo-train on it
 (benchmarks/bench_native.py), so the whole path a user takes with a real checkpoint runs at its size.
 """
@@ -85,9 +85,9 @@ def write_checkpoint(folder: str | Path, family: str, gen: torch.Generator, dtyp
     """Write a random `family` checkpoint into folder (config.json, `shards` safetensors shards and their
     index, the tokenizer); config_changes override config.json fields. Returns its tensors by name.
 
-    The tokenizer knows eight words, w0 .. w7 (ids 0-7; pad w0, eos w2), or with `numbers` every id as its
-    own decimal word, split on whitespace ("3 1 4" is ids 3, 1, 4; pad 0, eos 2), so that a random model's
-    responses decode to numbers."""
+    The tokenizer splits on whitespace and knows eight words, w0 .. w7 (ids 0-7; pad w0, eos w2), or with
+    `numbers` every id as its own decimal word ("3 1 4" is ids 3, 1, 4; pad 0, eos 2), so that a random
+    model's responses decode to numbers; its chat template wraps a prompt in ids 3 and 4, then 5."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -112,9 +112,13 @@ def write_checkpoint(folder: str | Path, family: str, gen: torch.Generator, dtyp
              "weight_map": {k: file for file, keys in files.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     words = {str(i): i for i in range(VOCAB[family])} if numbers else {f"w{i}": i for i in range(8)}
-    pad, eos = ("0", "2") if numbers else ("w0", "w2")
+    pad, eos, user, turn_end, assistant = ("0", "2", "3", "4", "5") if numbers else ("w0", "w2", "w3", "w4", "w5")
     tokenizer = Tokenizer(WordLevel(words, unk_token=pad))
-    if numbers:
-        tokenizer.pre_tokenizer = WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, eos_token=eos).save_pretrained(folder)
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    # an instruct checkpoint's chat template (the real ones wrap a turn in header and end tokens), in words the
+    # tokenizer knows: "3 + 4" becomes ids user 3 + 4 turn_end assistant ("+" is unknown: pad)
+    template = (f"{{% for message in messages %}}{user} {{{{ message['content'] }}}} {turn_end} {{% endfor %}}"
+                f"{{% if add_generation_prompt %}}{assistant}{{% endif %}}")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, eos_token=eos,
+                            chat_template=template).save_pretrained(folder)
     return weights
