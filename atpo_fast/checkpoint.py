@@ -34,6 +34,7 @@ BASE = "base"  # a LoRA run of the tiny model: its frozen base (the warm start),
 def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> None:
     """Write model, optimizer and `extra` (numbers, strings, tensors, nested dicts of them) at path."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _trainable_only()
@@ -49,8 +50,19 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
              "extra": {**extra, "has_optimizer_state": bool(optimizer.state)}}
     if optimizer.state:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
-    with _single_process_quiet(d):
-        dcp.save(state, checkpoint_id=str(tmp))
+    try:
+        with _single_process_quiet(d):
+            dcp.save(state, checkpoint_id=str(tmp))
+    except (OSError, RuntimeError, CheckpointException) as err:  # a full disk surfaced as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # what was written of it, to free the space
+        free = shutil.disk_usage(path.parent).free / 2**20
+        if isinstance(err, CheckpointException) and err.failures:  # DCP's wrapper of each rank's exception
+            err = next(iter(err.failures.values()))[0]
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch appends its C++ stack
+        kept = sum(f.stat().st_size for f in path.iterdir()) / 2**20 if path.is_dir() else 0.0
+        raise OSError(f"writing the checkpoint {tmp} failed ({cause}; {free:.0f} MiB free there): the last "
+                      f"complete one, {path} ({kept:.0f} MiB; a save needs about as much again beside it), "
+                      f"is kept") from err
     d.barrier()
     if d.main:
         if path.exists():

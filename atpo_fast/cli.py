@@ -56,6 +56,14 @@ def parse_train_args(argv: list[str]):
     return args, config
 
 
+def _how_to_resume(config) -> str:
+    if config is None:
+        return ""
+    folder = config.run_folder()
+    return (f"; once a checkpoint is written, `atpo-train --resume --name {folder.name} logging.run_dir={folder.parent}`"
+            f" continues from it")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     config = None
     try:
@@ -67,11 +75,11 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"atpo-train: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: say how to continue instead of a traceback
-        folder = None if config is None else config.run_folder()
-        where = "" if folder is None else (f"; once a checkpoint is written, `atpo-train --resume --name {folder.name} "
-                                           f"logging.run_dir={folder.parent}` continues from it")
-        print(f"atpo-train: interrupted{where}", file=sys.stderr)
+        print(f"atpo-train: interrupted{_how_to_resume(config)}", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, a lost mount: checkpoints are atomic, so the run can go on once it is fixed
+        print(f"atpo-train: error: {err}{_how_to_resume(config)}", file=sys.stderr)
+        return 1
     finally:
         _leave_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -107,6 +115,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"atpo-eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment's (an unreadable file), not a bug
+        print(f"atpo-eval: error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": args.run_dir, "iteration": trainer.iteration, **result}, indent=2))
     return 0
 
@@ -125,5 +136,8 @@ def export_main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"atpo-export: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a lost mount
+        print(f"atpo-export: error: {err}", file=sys.stderr)
+        return 1
     print(f"atpo-export: wrote the {written} of {args.run_dir} to {args.out}")
     return 0

@@ -11,7 +11,7 @@ import torch
 
 import atpo_fast.trainer as trainer_module
 from atpo_fast import checkpoint
-from atpo_fast.cli import eval_main, train_main
+from atpo_fast.cli import eval_main, export_main, train_main
 from atpo_fast.config import load_config
 from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.synthetic import write_checkpoint
@@ -172,6 +172,51 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(run_module, "train", interrupted)
     assert train_main(["--quiet", "--name", "x", *SMALL, f"logging.run_dir={tmp_path}"]) == 130
     assert f"`atpo-train --resume --name x logging.run_dir={tmp_path}` continues" in capsys.readouterr().err
+
+
+def test_a_full_disk_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """An OSError mid-run (here a full disk) is the environment's, not a bug: one line, and the way back."""
+    import atpo_fast.run as run_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "train", disk_full)
+    assert train_main(["--quiet", "--name", "x", *SMALL, f"logging.run_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "atpo-train: error: [Errno 28] No space left on device" in err
+    assert f"`atpo-train --resume --name x logging.run_dir={tmp_path}` continues" in err
+    from atpo_fast import export
+
+    monkeypatch.setattr(export, "export_run", disk_full)
+    monkeypatch.setattr(checkpoint, "load_run", disk_full)
+    assert export_main([str(tmp_path / "x"), str(tmp_path / "out")]) == 1
+    assert eval_main([str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "atpo-export: error: [Errno 28]" in err and "atpo-eval: error: [Errno 28]" in err
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_last_one(tmp_path, monkeypatch):
+    """A full disk made DCP raise a RuntimeError (torch's "unexpected pos", with its C++ stack) and left a partial
+    checkpoint.tmp; now an OSError with the first line of the cause and the space, the partial write removed."""
+    import torch.distributed.checkpoint as dcp
+
+    train(small_config(tmp_path, "optim.iterations=1", "logging.name=r"), progress=False)
+    trainer = checkpoint.load_run(tmp_path / "runs" / "r")
+    kept = tmp_path / "runs" / "r" / "checkpoint"
+    before = sorted((p.name, p.stat().st_size) for p in kept.iterdir())
+
+    def disk_full(state, checkpoint_id):
+        Path(checkpoint_id).mkdir()
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nframe #0: c10::")
+
+    monkeypatch.setattr(dcp, "save", disk_full)
+    with pytest.raises(OSError, match=r"checkpoint.tmp failed \(\[enforce fail .*unexpected pos 704 vs 598; \d+ MiB "
+                                      r"free there\): the last complete one, .*checkpoint \(\d+ MiB; a save needs"):
+        checkpoint.save(trainer, kept)
+    assert sorted((p.name, p.stat().st_size) for p in kept.iterdir()) == before
+    assert not (tmp_path / "runs" / "r" / "checkpoint.tmp").exists()
 
 
 def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
