@@ -91,11 +91,12 @@ def warm_start(model: TinyDiffusionLM, task: Task, c: TrainConfig, device, progr
     model.eval()
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
+        model.save_pretrained(tmp)
         os.replace(tmp, folder)  # atomic: another run may have cached the same warm start meanwhile
-    except OSError:
+    except OSError as err:  # that run's copy, or a full disk: the cache only saves the next run's time
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model.safetensors").exists():
+            tqdm.write(f"warm start: not cached ({err}); the run goes on, and the next one trains it again")
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": w.steps, "cached": None, "final_loss": sum(tail) / len(tail)}

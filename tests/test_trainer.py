@@ -219,6 +219,24 @@ def test_a_checkpoint_write_that_fails_keeps_the_last_one(tmp_path, monkeypatch)
     assert not (tmp_path / "runs" / "r" / "checkpoint.tmp").exists()
 
 
+def test_a_warm_start_that_cannot_be_cached_still_runs(tmp_path, capsys, monkeypatch):
+    """The cache only saves the next run's time: a full disk (or a cache_dir this process cannot write) there
+    was an OSError traceback after the warm start's work, and left a partial .tmp folder in the cache."""
+    config = small_config(tmp_path)
+    trainer = Trainer(config)
+    save = TinyDiffusionLM.save_pretrained
+
+    def disk_full(model, path):
+        save(model, path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TinyDiffusionLM, "save_pretrained", disk_full)
+    info = warm_start(trainer.model, trainer.task, config, trainer.device, progress=False)
+    assert info["cached"] is None and info["steps"] == config.warmstart.steps
+    assert "warm start: not cached ([Errno 28] No space left on device)" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").iterdir()), "nothing left in the cache folder"
+
+
 def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
     import atpo_fast.run as run_module
 
