@@ -11,6 +11,7 @@ names and shards, and the base folder's other files (config.json, the tokenizer 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,17 +28,27 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> str
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export folder {str(out)!r} exists and is not an empty folder")
+    # written beside out and renamed at the end, so that an export that fails (a full disk) leaves nothing to clear
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:  # before the checkpoint loads: a folder that cannot be made fails at once
-        out.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
     except OSError as error:
         raise ValueError(f"export folder {str(out)!r} cannot be made: {error.strerror}") from None
-    trainer = load_run(run_dir)
-    if trainer.peft is not None and not merge:
-        trainer.peft.save_pretrained(str(out))
-        return "adapters"
-    model = trainer.peft.merge_and_unload() if trainer.peft is not None else trainer.model
-    write_family_layout(model, trainer.config.model, out)
-    return "merged model" if trainer.peft is not None else "model"
+    try:
+        trainer = load_run(run_dir)
+        if trainer.peft is not None and not merge:
+            trainer.peft.save_pretrained(str(tmp))
+            written = "adapters"
+        else:
+            model = trainer.peft.merge_and_unload() if trainer.peft is not None else trainer.model
+            write_family_layout(model, trainer.config.model, tmp)
+            written = "merged model" if trainer.peft is not None else "model"
+        if out.exists():
+            out.rmdir()  # empty, as checked
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
 
 
 def write_family_layout(model, model_config, out: Path) -> None:

@@ -185,7 +185,8 @@ def generate(
     cache: str = "none",
     cache_refresh: int | None = None,
 ) -> Rollout:
-    """Unmask a response of gen_length tokens after prompt_ids [B, Lp] (left-padded, with attention_mask).
+    """Unmask a response of gen_length tokens after prompt_ids [B, Lp] (left-padded, with attention_mask
+    [B, Lp] of 0s then 1s, as DiffusionLM.encode_prompts makes them; right padding is refused).
 
     Blocks of block_length are completed left to right, each over steps / num_blocks steps, the
     block's masked count spread evenly (earlier steps take the remainder). remasking picks which

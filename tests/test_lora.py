@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+from unittest import mock
 from pathlib import Path
 
 import peft
@@ -144,6 +145,20 @@ def test_export_writes_peft_adapters_and_a_merged_tiny_model(tmp_path, gen):
     assert export_main([str(run), str(tmp_path / "merged")]) == 2, "a non-empty folder is refused"
     assert export_main([str(run), str(tmp_path / "merged" / "config.json")]) == 2, "so is a file"
     assert export_main([str(run), str(tmp_path / "merged" / "config.json" / "out")]) == 2, "and a path under one"
+    # an export that fails midway (a full disk) leaves nothing behind that would make the next try refuse the folder
+    (tmp_path / "empty").mkdir()
+    save = TinyDiffusionLM.save_pretrained
+
+    def disk_full(model, path):
+        save(model, path)
+        raise OSError(28, "No space left on device")
+
+    with mock.patch.object(TinyDiffusionLM, "save_pretrained", disk_full):
+        for out in ("empty", "new"):
+            assert export_main([str(run), str(tmp_path / out), "--merge"]) == 1
+    assert not list((tmp_path / "empty").iterdir()) and not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".*tmp*")), "no partial export left beside them"
+    assert export_main([str(run), str(tmp_path / "empty"), "--merge"]) == 0
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
