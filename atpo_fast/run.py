@@ -89,7 +89,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         model, warm_info = checkpoint.run_model(config, run_dir, device), None
     else:
         model = build_model(config, device)
-        check_task(config, model, task)  # before the warm start's minutes of work
+        if config.warmstart.steps:  # before the warm start's minutes of work (Trainer checks it again after)
+            check_task(config, model, task)
         warm_info = warm_start_on_every_rank(model, task, config, device, dist, progress)
         if dist.main:
             checkpoint.keep_base(model, config, run_dir)

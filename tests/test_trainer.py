@@ -237,13 +237,18 @@ def test_a_warm_start_that_cannot_be_cached_still_runs(tmp_path, capsys, monkeyp
     assert not list((tmp_path / "cache").iterdir()), "nothing left in the cache folder"
 
 
-def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def no_warm_start(monkeypatch):
+    """A run that reaches the warm start fails the test: what it checks must fail before."""
     import atpo_fast.run as run_module
 
     def warm_start_on_every_rank(*args, **kwargs):
-        raise AssertionError("the warm start ran before the run folder was checked")
+        raise AssertionError("the warm start ran before the check")
 
     monkeypatch.setattr(run_module, "warm_start_on_every_rank", warm_start_on_every_rank)
+
+
+def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, capsys, no_warm_start):
     (tmp_path / "a_file").write_text("")
     assert train_main(["--quiet", *SMALL, f"logging.run_dir={tmp_path / 'a_file' / 'runs'}"]) == 2
     assert "config key 'logging.run_dir' expects a folder this process can write" in capsys.readouterr().err
@@ -259,13 +264,7 @@ def test_a_run_dir_that_cannot_be_made_fails_before_the_warm_start(tmp_path, cap
     ("optim.prompts_per_iter=400", "config key 'optim.prompts_per_iter' expects at most the task's 300 training"),
     ("warmstart.batch_size=400", "config key 'warmstart.batch_size' expects at most the task's 300 training"),
 ])
-def test_task_and_context_mistakes_fail_before_the_warm_start(tmp_path, capsys, monkeypatch, override, match):
-    import atpo_fast.run as run_module
-
-    def warm_start_on_every_rank(*args, **kwargs):
-        raise AssertionError("the warm start ran before the check")
-
-    monkeypatch.setattr(run_module, "warm_start_on_every_rank", warm_start_on_every_rank)
+def test_task_and_context_mistakes_fail_before_the_warm_start(tmp_path, capsys, no_warm_start, override, match):
     assert train_main(["--quiet", *SMALL, f"logging.run_dir={tmp_path}", override]) == 2
     assert re.search(match, capsys.readouterr().err)
 
