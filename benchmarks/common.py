@@ -174,10 +174,16 @@ def time_interleaved(fns: dict, repeats: int = 10) -> dict:
 
 def write_results(name: str, title: str, columns: list[str], rows: list[dict], meta: dict, notes: str = "",
                   results_dir: Path = RESULTS_DIR) -> Path:
-    """Write <results_dir>/<name>_<device>_<date>.md and .json and say so; returns the Markdown path."""
+    """Write <results_dir>/<name>_<device>_<date>.md and .json and say so; returns the Markdown path.
+    A second run on the same day writes <...>_<date>_run2 (run3, ...): the day's earlier tables, committed
+    or not, are never overwritten."""
     results_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if meta.get("device", "cpu") != "cpu" else "cpu"
-    stem = results_dir / f"{name}_{device}_{meta['date']}"
+    first = results_dir / f"{name}_{device}_{meta['date']}"
+    stem, run = first, 1
+    while stem.with_suffix(".md").exists() or stem.with_suffix(".json").exists():
+        run += 1
+        stem = first.with_name(f"{first.name}_run{run}")
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in meta.items()), ""]
     if notes:

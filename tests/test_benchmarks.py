@@ -217,3 +217,16 @@ def test_bad_benchmark_arguments_are_one_line_errors(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         entry.main()
     assert f"error: {tmp_path} holds no checkpoint/ folder" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_day_keeps_the_first_runs_table(tmp_path):
+    from benchmarks.common import write_results
+
+    meta = {"date": "2026-11-28", "device": "cpu"}
+    paths = [write_results("rollout", "Rollouts", ["mode"], [{"mode": f"run {i}"}], meta, results_dir=tmp_path)
+             for i in range(3)]
+    assert [path.name for path in paths] == ["rollout_cpu_2026-11-28.md", "rollout_cpu_2026-11-28_run2.md",
+                                             "rollout_cpu_2026-11-28_run3.md"]
+    for i, path in enumerate(paths):
+        assert f"| run {i} |" in path.read_text()
+        assert json.loads(path.with_suffix(".json").read_text())["rows"] == [{"mode": f"run {i}"}]
