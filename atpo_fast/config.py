@@ -290,10 +290,18 @@ def check_values(config: TrainConfig) -> None:
     need(e.size >= world, "eval.size", f"at least one held-out problem per rank ({world})")
     need(not (config.device == "cpu" and config.distributed.backend == "nccl"), "distributed.backend",
          "'auto' or 'gloo' with device='cpu' (NCCL runs on GPUs only)")
-    if config.device == "cuda":
+    if config.device == "cuda" or config.backend == "triton":
         import torch
 
-        need(torch.cuda.is_available(), "device", "'auto' or 'cpu' on a machine without a CUDA GPU")
+        from atpo_fast.kernels import interpreter_enabled
+
+        need(config.device != "cuda" or torch.cuda.is_available(), "device",
+             "'auto' or 'cpu' on a machine without a CUDA GPU")
+        on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        # checked here, not at the first rollout: after the warm start's minutes of work
+        need(not on_cpu or interpreter_enabled(), "backend",
+             "'auto' or 'torch' on a CPU run, or TRITON_INTERPRET=1 in the environment (backend='triton' "
+             "on a CPU runs Triton's interpreter)")
 
 
 def _coerce(value: Any, hint, key: str) -> Any:

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from atpo_fast.config import TrainConfig, load_config, save_config
 
@@ -120,6 +121,17 @@ def test_missing_file():
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, override.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU run")
+def test_triton_backend_on_a_cpu_run_needs_the_interpreter_before_the_run_starts(monkeypatch):
+    # it failed at the first rollout, after the warm start's minutes of work
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for device in ("cpu", "auto"):
+        with pytest.raises(ValueError, match="'backend' expects 'auto' or 'torch' on a CPU run, or TRITON_INTERPRET=1"):
+            load_config(None, [f"device={device}", "backend=triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert load_config(None, ["backend=triton"]).backend == "triton"
 
 
 def test_cross_field_rules(tmp_path, monkeypatch):
