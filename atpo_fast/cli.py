@@ -6,7 +6,7 @@
     atpo-train --name my-run --resume           continue a run from its last checkpoint
     torchrun --nproc_per_node 8 --no-python atpo-train ...   data parallel over 8 GPUs (distributed.strategy)
     atpo-eval runs/sudoku4-hybrid-seed0         held-out accuracy of a run's checkpoint
-    atpo-export runs/NAME OUT [--merge]         a run's adapters in peft's format, or the merged model
+    atpo-export runs/NAME OUT [--merge]         a run's adapters in peft's format, or the merged model (on the CPU)
 """
 
 from __future__ import annotations
@@ -130,9 +130,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
     parser.add_argument("out", help="the folder to write (new or empty)")
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and write it whole")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides (model.path=..., for a base folder that moved)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        written = export.export_run(args.run_dir, args.out, merge=args.merge)
+        written = export.export_run(args.run_dir, args.out, merge=args.merge, overrides=args.overrides)
     except ValueError as err:
         print(f"atpo-export: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@
 
 A full fine-tuning run always writes the full model. LLaDA / Dream keep their checkpoint's tensor
 names and shards, and the base folder's other files (config.json, the tokenizer and its chat template).
+
+The export runs on the CPU, so a run trained on a GPU machine exports on one without. Config overrides
+(section.key=value, after the folders) point at what moved since the run: model.path=/new/base, task.data=...
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from atpo_fast.models.native import NATIVE, checkpoint_tensors
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> str:
-    """Write the run's last checkpoint to out (see the module docstring); returns what was written."""
+# an export multiplies no matrix worth a GPU; where the run trained, and with which kernels, plays no part
+ON_CPU = ("device=cpu", "backend=auto", "distributed.backend=auto")
+
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overrides: list[str] = ()) -> str:
+    """Write the run's last checkpoint to out (see the module docstring); returns what was written.
+    overrides: config overrides (section.key=value) over the run's config.yaml, after ON_CPU."""
     from atpo_fast.checkpoint import load_run
 
     out = Path(out)
@@ -35,7 +43,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> str
     except OSError as error:
         raise ValueError(f"export folder {str(out)!r} cannot be made: {error.strerror}") from None
     try:
-        trainer = load_run(run_dir)
+        trainer = load_run(run_dir, [*ON_CPU, *overrides])
         if trainer.peft is not None and not merge:
             trainer.peft.save_pretrained(str(tmp))
             written = "adapters"

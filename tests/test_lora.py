@@ -143,6 +143,19 @@ def test_export_writes_peft_adapters_and_a_merged_tiny_model(tmp_path, gen):
     with torch.no_grad():
         torch.testing.assert_close(merged.logits(ids, mask), want, rtol=0, atol=1e-5)
     assert export_main([str(run), str(tmp_path / "merged")]) == 2, "a non-empty folder is refused"
+    # the export runs on the CPU: a run trained on a GPU machine (device cuda, Triton kernels) exports on one
+    # without; it was refused by the config check of the run's device
+    saved = run / "config.yaml"
+    text = saved.read_text()
+    saved.write_text(text.replace("\ndevice: auto\n", "\ndevice: cuda\n").replace("\nbackend: auto\n", "\nbackend: triton\n"))
+    assert "device: cuda" in saved.read_text() and "backend: triton" in saved.read_text()
+    assert export_main([str(run), str(tmp_path / "from_gpu"), "--merge"]) == 0
+    from_gpu = TinyDiffusionLM.from_pretrained(tmp_path / "from_gpu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_gpu.logits(ids, mask), want, rtol=0, atol=1e-5)
+    # overrides after the folders reach the run's config (a base folder that moved: model.path=...)
+    assert export_main([str(run), str(tmp_path / "bad_override"), "optim.lr=0"]) == 2
+    saved.write_text(text)
     assert export_main([str(run), str(tmp_path / "merged" / "config.json")]) == 2, "so is a file"
     assert export_main([str(run), str(tmp_path / "merged" / "config.json" / "out")]) == 2, "and a path under one"
     # an export that fails midway (a full disk) leaves nothing behind that would make the next try refuse the folder
