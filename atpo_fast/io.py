@@ -23,7 +23,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
 def read_json(path: Path) -> dict:
     """The JSON object in path; a ValueError naming the file when it is not one (a torn download, an edit)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # JSON is UTF-8; a byte-order mark is dropped
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):

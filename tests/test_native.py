@@ -207,6 +207,15 @@ def test_a_damaged_checkpoint_folder_is_named(tmp_path, gen, damage, match):
         load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", dtype=torch.float32, device="cpu")
 
 
+def test_a_config_json_with_a_byte_order_mark_loads(tmp_path, gen):
+    """Some editors save UTF-8 with a byte-order mark; json.loads refused it ("Unexpected UTF-8 BOM")."""
+    write_checkpoint(tmp_path / "llada", "llada", gen)
+    config = tmp_path / "llada" / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    model = load_hf_diffusion_lm(str(tmp_path / "llada"), "llada", dtype=torch.float32, device="cpu")
+    assert model.backbone.config.num_hidden_layers == json.loads(config.read_text(encoding="utf-8-sig"))["n_layers"]
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_prompts_are_encoded_through_the_folders_chat_template(tmp_path, gen, family):
     """An instruct checkpoint's template renders the prompt; transformers 5 hands the ids back in a dict,

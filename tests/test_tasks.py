@@ -142,6 +142,19 @@ def test_jsonl_errors(tmp_path):
     for fraction in (0, 1, -0.5, 1.5, "0.1"):
         with pytest.raises(ValueError, match=r"test_fraction \(task.options\) must be a number in \(0, 1\)"):
             get_task("jsonl", data=str(good), test_fraction=fraction)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"question": "\xff", "answer": "1"}\n')
+    with pytest.raises(ValueError, match="data file '.*binary.jsonl' is not UTF-8 text"):
+        get_task("jsonl", data=str(binary))
+
+
+def test_jsonl_reads_utf8_text_with_a_byte_order_mark(tmp_path):
+    # a byte-order mark (some Windows editors write one) made line 1 "not a JSON object"
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + '{"question": "Combien font 2 × 3 ?", "answer": "6"}\n'.encode()
+                     + '{"question": "Что такое 1 + 1?", "answer": "2"}\n'.encode())
+    task = get_task("jsonl", data=str(path))
+    assert sorted(e.prompt for e in task.train + task.test) == ["Combien font 2 × 3 ?", "Что такое 1 + 1?"]
 
 
 def test_register_a_task():

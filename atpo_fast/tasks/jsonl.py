@@ -46,8 +46,12 @@ class JsonlTask(Task):
         path = Path(data)
         if not path.is_file():
             raise ValueError(f"data file {data!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+        try:  # UTF-8 whatever the locale; a byte-order mark (as some Windows editors write) is dropped
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data file {data!r} is not UTF-8 text: {err}") from None
         examples = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
