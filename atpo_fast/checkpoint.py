@@ -88,9 +88,10 @@ def find(path: Path) -> Path | None:
     return None
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, d: Dist) -> dict:
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict, d: Dist) -> dict:
     """Load what save_state wrote, with any number of ranks. `extra` is the template of the values to
-    read back (its keys; tensors of the right shape; None for other objects); returns their saved values."""
+    read back (its keys; tensors of the right shape; None for other objects); returns their saved values.
+    optimizer None: the optimizer's state stays on disk (its moments take twice the weights' memory)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -103,7 +104,7 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     with _single_process_quiet(d):
         dcp.load(state, checkpoint_id=str(found))
         state["model"] = get_model_state_dict(model, options=options)
-        if state["extra"]["has_optimizer_state"]:
+        if optimizer is not None and state["extra"]["has_optimizer_state"]:
             state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
         dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
     set_model_state_dict(model, state["model"], options=options)
@@ -123,11 +124,12 @@ def save(trainer: Trainer, path: Path) -> None:
     save_state(path, trainer.model, trainer.optimizer, extra, trainer.dist)
 
 
-def load(trainer: Trainer, path: Path) -> None:
-    """Restore what `save` wrote (by any number of ranks) into the trainer."""
+def load(trainer: Trainer, path: Path, optimizer: bool = True) -> None:
+    """Restore what `save` wrote (by any number of ranks) into the trainer; optimizer False leaves its
+    moments out (a run to evaluate or export, not to train on)."""
     template = {"iteration": 0, "bad_iters": 0, "scheduler": trainer.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": None, "cuda": None}}
-    extra = load_state(path, trainer.model, trainer.optimizer, template, trainer.dist)
+    extra = load_state(path, trainer.model, trainer.optimizer if optimizer else None, template, trainer.dist)
     trainer.iteration, trainer.bad_iters = int(extra["iteration"]), int(extra["bad_iters"])
     trainer.scheduler.load_state_dict(extra["scheduler"])
     rng = extra["rng"]
@@ -155,7 +157,8 @@ def run_model(config, run_dir: Path, device):
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
-    """A Trainer for a run folder: its config (with overrides) and its last checkpoint."""
+    """A Trainer for a run folder, to evaluate or export: its config (with overrides) and its last checkpoint,
+    without the optimizer's state (AdamW's moments: 32 GB more for a fully fine-tuned 8B model in bf16)."""
     from atpo_fast import distributed
     from atpo_fast.config import load_config
     from atpo_fast.trainer import Trainer, resolve_device
@@ -166,7 +169,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
     config = load_config(run_dir / CONFIG, overrides)
     device = resolve_device(config, distributed.setup(config.distributed.backend, config.device))
     trainer = Trainer(config, run_model(config, run_dir, device))
-    load(trainer, run_dir / CHECKPOINT)
+    load(trainer, run_dir / CHECKPOINT, optimizer=False)
     return trainer
 
 

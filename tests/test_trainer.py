@@ -119,8 +119,14 @@ def test_console_scripts(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's exit 2, naming the option
         eval_main([str(tmp_path / "cli"), "--size", "0"])
     assert "argument --size: expects an int >= 1, got '0'" in capsys.readouterr().err
+    loaded = checkpoint.load_run(tmp_path / "cli")
     with pytest.raises(ValueError, match="size must be a positive int or None"):
-        checkpoint.load_run(tmp_path / "cli").evaluate(0)
+        loaded.evaluate(0)
+    # evaluation and export leave the optimizer's moments on disk (twice the weights' memory); a resume loads them
+    assert not loaded.optimizer.state
+    checkpoint.load(loaded, tmp_path / "cli" / "checkpoint")
+    moments = [state["exp_avg"] for state in loaded.optimizer.state.values()]
+    assert moments and any(bool(m.abs().sum() > 0) for m in moments)
     assert train_main(["--quiet", "--name", "cli", *args]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train_main(["optim.lrr=1"]) == 2
