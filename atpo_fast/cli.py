@@ -44,7 +44,7 @@ def parse_train_args(argv: list[str]):
     parser.add_argument("--resume", action="store_true", help="continue the named run from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("model", "model.path"), ("task", "task.name"), ("data", "task.data"), ("name", "logging.name")):
         if getattr(args, flag) is not None:
@@ -106,7 +106,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoint/)")
     parser.add_argument("--size", type=positive_int, help="number of held-out problems (default: eval.size)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         from atpo_fast.checkpoint import load_run
 
@@ -132,7 +132,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and write it whole")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides (model.path=..., for a base folder that moved)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         written = export.export_run(args.run_dir, args.out, merge=args.merge, overrides=args.overrides)
     except ValueError as err:

@@ -149,7 +149,7 @@ def test_export_writes_peft_adapters_and_a_merged_tiny_model(tmp_path, gen):
     text = saved.read_text()
     saved.write_text(text.replace("\ndevice: auto\n", "\ndevice: cuda\n").replace("\nbackend: auto\n", "\nbackend: triton\n"))
     assert "device: cuda" in saved.read_text() and "backend: triton" in saved.read_text()
-    assert export_main([str(run), str(tmp_path / "from_gpu"), "--merge"]) == 0
+    assert export_main([str(run), str(tmp_path / "from_gpu"), "--merge", "eval.size=3"]) == 0
     from_gpu = TinyDiffusionLM.from_pretrained(tmp_path / "from_gpu").eval()
     with torch.no_grad():
         torch.testing.assert_close(from_gpu.logits(ids, mask), want, rtol=0, atol=1e-5)
