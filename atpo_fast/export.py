@@ -6,7 +6,8 @@
                                        layout: load_hf_diffusion_lm(OUT, family) (or TinyDiffusionLM.from_pretrained)
 
 A full fine-tuning run always writes the full model. LLaDA / Dream keep their checkpoint's tensor
-names and shards, and the base folder's other files (config.json, the tokenizer and its chat template).
+names (in safetensors shards of up to 5 GB and their index, huggingface_hub's default) and the base folder's
+other files (config.json, the tokenizer and its chat template).
 
 The export runs on the CPU, so a run trained on a GPU machine exports on one without. Config overrides
 (section.key=value, after the folders) point at what moved since the run: model.path=/new/base, task.data=...
