@@ -176,8 +176,10 @@ class TrainConfig:
 
 
 CONFIG = "config.yaml"  # the run's resolved config inside its run folder
-# what a resumed run may change: how long it trains, how it logs and evaluates, where and on how many ranks
-RESUMABLE = ("optim.iterations", "logging.", "eval.", "device", "backend", "distributed.", "warmstart.cache_dir")
+# what a resumed run may change: how long it trains, how it logs and evaluates, where and on how many ranks, and
+# where its files are (a run moved to another machine finds its base model and data at other paths)
+RESUMABLE = ("optim.iterations", "logging.", "eval.", "device", "backend", "distributed.", "warmstart.cache_dir",
+             "model.path", "task.data")
 
 
 def check_resumable(saved: TrainConfig, config: TrainConfig) -> None:

@@ -74,7 +74,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     if resume:
         if checkpoint.find(checkpoint_dir) is None:
             raise ValueError(f"cannot resume: {checkpoint_dir} does not exist")
-        check_resumable(load_config(run_dir / CONFIG), config)
+        # the saved config read with this resume's paths, which may have moved (checked where they are now)
+        moved = [f"model.path={json.dumps(config.model.path)}", f"task.data={json.dumps(config.task.data)}"]
+        check_resumable(load_config(run_dir / CONFIG, moved), config)
     elif metrics_path.exists():
         raise ValueError(f"run folder {run_dir} already holds a run; pass --resume, or choose another "
                          f"logging.name")

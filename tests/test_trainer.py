@@ -299,17 +299,26 @@ def test_llada_config_runs_a_small_checkpoint(tmp_path, gen, implementation):
         write_checkpoint(model_dir, "llada", gen)
     else:
         make_checkpoint(model_dir, "llada", vocab=126464, shift=False, four_d=False)
-    data = tmp_path / "qa.jsonl"
+    data, runs = tmp_path / "qa.jsonl", tmp_path / "runs"
     data.write_text("".join(json.dumps({"question": f"w{i} w3", "answer": f"#### {i}"}) + "\n" for i in range(12)))
     argv = ["--config", "configs/llada.yaml", "--model", str(model_dir), "--task", "jsonl", "--data", str(data),
-            "--quiet", "--name", "llada", "device=cpu", "model.dtype=float32", f"logging.run_dir={tmp_path}",
+            "--quiet", "--name", "llada", "device=cpu", "model.dtype=float32", f"logging.run_dir={runs}",
             "sampler.gen_length=8", "sampler.block_length=4", "sampler.steps=4", "optim.iterations=1",
             "optim.prompts_per_iter=2", "optim.group_size=2", "selection.budget=2", "eval.size=2",
             f"model.implementation={implementation}"] + (["sampler.cache=none"] if implementation == "remote" else [])
     assert train_main(argv) == 0
-    config = load_config(tmp_path / "llada" / "config.yaml")
+    config = load_config(runs / "llada" / "config.yaml")
     assert (config.model.kind, config.model.path, config.task.data) == ("llada", str(model_dir), str(data))
-    assert read(tmp_path / "llada" / "metrics.jsonl")[1]["iteration"] == 0
+    assert read(runs / "llada" / "metrics.jsonl")[1]["iteration"] == 0
+    if implementation == "native":  # the run moved: its base model and data are found at other paths
+        model_dir.rename(tmp_path / "moved_llada")
+        data.rename(tmp_path / "moved.jsonl")
+        resume = ["--resume", "--name", "llada", f"logging.run_dir={runs}", "optim.iterations=2", "--quiet"]
+        assert train_main(resume) == 2  # the run's own paths are gone, and the error names them
+        moved = [f"model.path={tmp_path / 'moved_llada'}", f"task.data={tmp_path / 'moved.jsonl'}"]
+        assert train_main(resume + moved) == 0
+        assert [m["iteration"] for m in read(runs / "llada" / "metrics.jsonl") if "phase" not in m] == [0, 1]
+        assert load_config(runs / "llada" / "config.yaml").model.path == str(tmp_path / "moved_llada")
 
 
 def test_checkpoint_restores_the_random_generators(tmp_path):
