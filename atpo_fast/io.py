@@ -1,8 +1,9 @@
-"""File helpers: atomic writes, so a run that dies mid-write never leaves a torn file, and JSON reads
-whose failure names the file."""
+"""File helpers: atomic writes, so a run that dies mid-write never leaves a torn file, and JSON and
+safetensors reads whose failure names the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,3 +30,16 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """A safetensors file memory-mapped on the CPU; a ValueError naming it when it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file (an incomplete download?): {err}") from None
+    with handle as f:
+        yield f

@@ -67,8 +67,14 @@ def warm_start(model: TinyDiffusionLM, task: Task, c: TrainConfig, device, progr
         raise ValueError("warmstart.steps > 0 is for the tiny model; set warmstart.steps=0 for pretrained models")
     folder = cache_folder(c)
     if (folder / "model.safetensors").exists():
-        model.load_state_dict(TinyDiffusionLM.from_pretrained(folder, device=device).state_dict())
-        return {"steps": w.steps, "cached": str(folder)}
+        try:
+            cached = TinyDiffusionLM.from_pretrained(folder, device=device)
+        except ValueError as err:  # a damaged copy (one cut short while copied): trained again, and replaced
+            tqdm.write(f"warm start: the cached copy cannot be read ({err}); training it again")
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            model.load_state_dict(cached.state_dict())
+            return {"steps": w.steps, "cached": str(folder)}
 
     seed = derive_seed(w.seed, "warmstart")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)

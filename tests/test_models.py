@@ -164,6 +164,20 @@ def test_tiny_from_pretrained_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="is not a TinyDiffusionLM"):
         TinyDiffusionLM.from_pretrained(tmp_path)
+    # a config field this version does not know, and weights missing or cut short: named, not a traceback
+    TinyDiffusionLM(TinyConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": 2}))
+    with pytest.raises(ValueError, match=r"config.json does not describe a TinyDiffusionLM: .*rope_scaling"):
+        TinyDiffusionLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        TinyDiffusionLM.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        TinyDiffusionLM.from_pretrained(tmp_path)
 
 
 def test_tiny_rejects_unknown_attention():

@@ -17,8 +17,8 @@ from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.run import train
 from atpo_fast.tasks import get_task
-from atpo_fast.trainer import Trainer
-from atpo_fast.warmstart import warm_start
+from atpo_fast.trainer import Trainer, build_task
+from atpo_fast.warmstart import cache_folder, warm_start
 
 SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
          "optim.prompts_per_iter=4", "optim.group_size=4", "optim.micro_batch_rows=5",
@@ -242,6 +242,29 @@ def test_a_warm_start_that_cannot_be_cached_still_runs(tmp_path, capsys, monkeyp
     assert info["cached"] is None and info["steps"] == config.warmstart.steps
     assert "warm start: not cached ([Errno 28] No space left on device)" in capsys.readouterr().out
     assert not list((tmp_path / "cache").iterdir()), "nothing left in the cache folder"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "broken config.json"])
+def test_a_damaged_warm_start_cache_is_trained_again_and_replaced(tmp_path, capsys, damage):
+    """A cached copy cut short (copied between machines, a disk error) was a SafetensorError traceback."""
+    config = small_config(tmp_path)
+    fresh = lambda: Trainer(config).model  # noqa: E731  the same initial weights each time (seeded)
+    model = fresh()
+    warm_start(model, build_task(config), config, "cpu", progress=False)
+    folder = cache_folder(config)
+    weights = folder / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (folder / "config.json").write_text("{")
+    again = fresh()
+    info = warm_start(again, build_task(config), config, "cpu", progress=False)
+    assert info["cached"] is None, "trained again"
+    assert "warm start: the cached copy cannot be read" in capsys.readouterr().out
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b), "the same warm start as the first"
+    assert warm_start(fresh(), build_task(config), config, "cpu", progress=False)["cached"] == str(folder), \
+        "the damaged copy was replaced"
 
 
 @pytest.fixture

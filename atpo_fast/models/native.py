@@ -15,14 +15,13 @@ edge instead).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from atpo_fast.io import read_json
+from atpo_fast.io import open_safetensors, read_json
 from atpo_fast.models.base import (DiffusionLM, bidirectional, bidirectional_hidden_states, decode_until_eos,
                                    encode_with_chat_template)
 
@@ -153,21 +152,8 @@ def checkpoint_tensors(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise ValueError(f"model path {str(folder)!r} holds neither model.safetensors.index.json nor "
                          f"model.safetensors")
-    with _opened(single) as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
-
-
-@contextlib.contextmanager
-def _opened(file: Path):
-    """A safetensors file memory-mapped on the CPU; a ValueError naming it when it cannot be read."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file} is not a readable safetensors file (an incomplete download?): {err}") from None
-    with handle as f:
-        yield f
 
 
 def _read_weights(files: dict[str, Path], rename: Callable[[str], str | None], dtype: torch.dtype,
@@ -175,7 +161,7 @@ def _read_weights(files: dict[str, Path], rename: Callable[[str], str | None], d
     """Our state dict, one tensor at a time from memory-mapped shards, each cast to dtype on device."""
     state = {}
     for file in sorted(set(files.values())):
-        with _opened(file) as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 ours = rename(name)
                 if ours is not None and files.get(name) == file:

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from atpo_fast.config import DEFAULT_CHARS, TinyConfig
-from atpo_fast.io import atomic_write, read_json
+from atpo_fast.io import atomic_write, open_safetensors, read_json
 from atpo_fast.models.base import DiffusionLM, bidirectional, bidirectional_hidden_states
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>", "<bos>")
@@ -109,7 +109,12 @@ class TinyDiffusionLM(DiffusionLM):
         config = read_json(config_file)
         if config.pop("model_type", None) != MODEL_TYPE:
             raise ValueError(f"path {str(path)!r} is not a TinyDiffusionLM (model_type is not {MODEL_TYPE!r})")
-        model = cls(TinyConfig(**config))
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+        try:
+            tiny = TinyConfig(**config)
+        except TypeError as err:  # a field this version does not have
+            raise ValueError(f"{config_file} does not describe a TinyDiffusionLM: {err}") from None
+        model = cls(tiny)
+        with open_safetensors(path / "model.safetensors") as f:
+            model.load_state_dict({name: f.get_tensor(name) for name in f.keys()})
         return model.to(device)
 
