@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -56,11 +57,8 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     except (OSError, RuntimeError, CheckpointException) as err:  # a full disk surfaced as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # what was written of it, to free the space
         free = shutil.disk_usage(path.parent).free / 2**20
-        if isinstance(err, CheckpointException) and err.failures:  # DCP's wrapper of each rank's exception
-            err = next(iter(err.failures.values()))[0]
-        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch appends its C++ stack
         kept = sum(f.stat().st_size for f in path.iterdir()) / 2**20 if path.is_dir() else 0.0
-        raise OSError(f"writing the checkpoint {tmp} failed ({cause}; {free:.0f} MiB free there): the last "
+        raise OSError(f"writing the checkpoint {tmp} failed ({_cause(err)}; {free:.0f} MiB free there): the last "
                       f"complete one, {path} ({kept:.0f} MiB; a save needs about as much again beside it), "
                       f"is kept") from err
     d.barrier()
@@ -71,6 +69,16 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     d.barrier()
+
+
+def _cause(err: BaseException) -> str:
+    """The first line of what went wrong inside DCP: the rank's own exception when DCP wrapped it, without
+    the C++ stack torch appends."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, CheckpointException) and err.failures:  # DCP's wrapper of each rank's exception
+        err = next(iter(err.failures.values()))[0]
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _trainable_only():
@@ -93,6 +101,7 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     read back (its keys; tensors of the right shape; None for other objects); returns their saved values.
     optimizer None: the optimizer's state stays on disk (its moments take twice the weights' memory)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
@@ -101,12 +110,18 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     if found is None:
         raise ValueError(f"no checkpoint at {path}")
     state = {"extra": {**extra, "has_optimizer_state": False}}
-    with _single_process_quiet(d):
-        dcp.load(state, checkpoint_id=str(found))
-        state["model"] = get_model_state_dict(model, options=options)
-        if optimizer is not None and state["extra"]["has_optimizer_state"]:
-            state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
-        dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
+    try:
+        with _single_process_quiet(d):
+            dcp.load(state, checkpoint_id=str(found))
+            state["model"] = get_model_state_dict(model, options=options)
+            if optimizer is not None and state["extra"]["has_optimizer_state"]:
+                state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+            dcp.load({k: v for k, v in state.items() if k != "extra"}, checkpoint_id=str(found))
+    # what DCP raises for a file cut short (RuntimeError), a broken .metadata (AssertionError, pickle's errors),
+    # a missing file (OSError), or a model other than the run's; on several ranks, wrapped in CheckpointException
+    except (OSError, RuntimeError, AssertionError, EOFError, pickle.UnpicklingError, CheckpointException) as err:
+        raise ValueError(f"the checkpoint {found} cannot be loaded ({_cause(err)}): a damaged or incomplete "
+                         f"copy, or a model other than the run's") from err
     set_model_state_dict(model, state["model"], options=options)
     if "optim" in state:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)

@@ -244,6 +244,27 @@ def test_a_warm_start_that_cannot_be_cached_still_runs(tmp_path, capsys, monkeyp
     assert not list((tmp_path / "cache").iterdir()), "nothing left in the cache folder"
 
 
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
+    """A run folder copied in part: DCP raised RuntimeError (a file cut short), AssertionError (a broken
+    .metadata) or FileNotFoundError, each a traceback from atpo-eval, atpo-export and a resume."""
+    train(small_config(tmp_path, "optim.iterations=1", "logging.name=r"), progress=False)
+    kept = tmp_path / "runs" / "r" / "checkpoint"
+    (weights,) = kept.glob("*.distcp")
+    whole, metadata = weights.read_bytes(), (kept / ".metadata").read_bytes()
+    for damage in ("cut short", "broken metadata", "missing"):
+        if damage == "cut short":
+            weights.write_bytes(whole[:1000])
+        elif damage == "broken metadata":
+            (kept / ".metadata").write_bytes(b"x")
+        else:
+            weights.unlink()
+        with pytest.raises(ValueError, match=r"the checkpoint .*checkpoint cannot be loaded \(.+\): a damaged"):
+            checkpoint.load_run(tmp_path / "runs" / "r")
+        weights.write_bytes(whole)
+        (kept / ".metadata").write_bytes(metadata)
+    assert checkpoint.load_run(tmp_path / "runs" / "r").iteration == 1
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "broken config.json"])
 def test_a_damaged_warm_start_cache_is_trained_again_and_replaced(tmp_path, capsys, damage):
     """A cached copy cut short (copied between machines, a disk error) was a SafetensorError traceback."""
