@@ -433,6 +433,35 @@ def test_torch_path_chunks(gen, vocab, vocab_chunk, chunk_elems):
     assert_matches_reference(stats, logits, targets)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("vocab_chunk,chunk_elems", [(256, 1 << 20), (512, 3000), (32768, 1 << 20)])
+def test_torch_sampling_is_the_float64_inverse_cdf_of_its_uniforms(gen, temperature, vocab_chunk, chunk_elems):
+    """The torch path's draw is the inverse CDF of softmax(z / T) at one float64 uniform per row, whatever the
+    chunking: the same column as a float64 cumulative sum over the whole row, up to a uniform that lands within
+    rounding of a column boundary. Rows mix peaked, flat, -inf-holed and tied logits; whole chunks of -inf too."""
+    rows, vocab = 600, 1500
+    logits = torch.randn(rows, vocab, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
+    logits[torch.rand(rows, vocab, generator=gen) < 0.3] = float("-inf")
+    logits[::7, 256:1024] = float("-inf")  # whole chunks without a finite logit
+    logits[::5, :40] = 2.0  # ties at the row max
+    logits[::11] = 0.0  # a flat row
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    out = softmax_row_stats_torch(logits, temperature=temperature, generator=torch.Generator().manual_seed(seed),
+                                  vocab_chunk=vocab_chunk, chunk_elems=chunk_elems)
+    uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cdf = torch.softmax(logits.double() / temperature, dim=1).cumsum(1)
+    want = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    differ = (out["sampled"] != want).nonzero().flatten()
+    for row in differ.tolist():  # only a uniform within rounding of the boundary between the two columns
+        boundary = cdf[row, min(int(out["sampled"][row]), int(want[row]))]
+        assert abs(boundary - uniforms[row] * cdf[row, -1]) < 1e-6, (seed, row)
+    assert len(differ) <= 2, f"seed {seed}: {len(differ)} rows differ"
+    drawn = logits.gather(1, out["sampled"][:, None])[:, 0]
+    assert torch.isfinite(drawn).all(), f"seed {seed}: a -inf logit was drawn"
+    probs = torch.softmax(logits.double(), dim=1).gather(1, out["sampled"][:, None])[:, 0]
+    torch.testing.assert_close(out["sampled_prob"].double(), probs, rtol=1e-5, atol=1e-7)
+
+
 def test_sampling_greedy_and_seeded(backend, gen):
     logits = (torch.randn(64, 500, generator=gen) * 0.5).to(DEVICE)
     greedy = token_stats(logits, temperature=0.0, backend=backend)

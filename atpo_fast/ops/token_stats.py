@@ -2,8 +2,10 @@
 
 The Triton path is kernels/token_stats.py. The torch path (softmax_row_stats_torch, below) follows
 the same state and merge rules on [rows, cols] chunks of at most `chunk_elems` elements, so no
-[N, V] float32 temporary exists; it samples with a torch.Generator. selected_logprobs and
-fused_linear_logprobs use the same machinery for their forward.
+[N, V] float32 temporary exists. It samples as the kernel does, by inverse CDF: one uniform per row
+(from a torch.Generator) picks a chunk by the chunks' tempered sums, and a rescan of that chunk
+alone picks the column. selected_logprobs and fused_linear_logprobs use the same machinery for
+their forward.
 """
 
 from __future__ import annotations
@@ -27,9 +29,6 @@ class _State(NamedTuple):
     t: torch.Tensor  # [R] sum (z - m) exp(z - m)
     top1_idx: torch.Tensor  # [R]
     top2: torch.Tensor  # [R]
-    best: torch.Tensor | None  # [R] best perturbed score (sampling only)
-    best_idx: torch.Tensor | None
-    best_logit: torch.Tensor | None
 
 
 def _reference_max(m: torch.Tensor) -> torch.Tensor:
@@ -49,9 +48,11 @@ def scratch_tiles(rows: int, cols: int, dtype: torch.dtype, device: torch.device
     return lambda r, c: flat[: r * c].view(r, c)
 
 
-def _chunk_state(z: torch.Tensor, col0: int, inv_temperature: float | None, generator, e: torch.Tensor) -> _State:
-    """State of one chunk z [R, C] (float32, scaled, C a multiple of BLOCK; modified in place); e is a
-    scratch tensor of z's shape (overwritten).
+def _chunk_state(z: torch.Tensor, col0: int, inv_temperature: float | None, e: torch.Tensor,
+                 w: torch.Tensor | None) -> tuple[_State, torch.Tensor | None]:
+    """State of one chunk z [R, C] (float32, scaled, C a multiple of BLOCK; modified in place), and when
+    sampling (inv_temperature set) the chunk's tempered sum, sum exp((z - m) * inv_temperature) [R]; e and w
+    are scratch tensors of z's shape (overwritten; w only for a temperature other than 1).
 
     The max and its first index are found in two levels (max of each BLOCK columns, then inside
     the first block holding the row max), which is several times faster than argmax / topk on CPU.
@@ -67,20 +68,16 @@ def _chunk_state(z: torch.Tensor, col0: int, inv_temperature: float | None, gene
     neg_inf = float("-inf")
     top2 = torch.maximum(block_max.scatter(1, first_block[:, None], neg_inf).amax(1),
                          inner.scatter(1, within[:, None], neg_inf).amax(1))
-    best = best_idx = best_logit = None
-    if inv_temperature is not None:
-        gumbel = e.uniform_(generator=generator).log_().neg_().log_().neg_()
-        score = gumbel.add_(z, alpha=inv_temperature)  # -inf logits stay -inf
-        best_idx = score.argmax(dim=1)
-        best = score.gather(1, best_idx[:, None]).squeeze(1)
-        best_logit = z.gather(1, best_idx[:, None]).squeeze(1)
-        del gumbel, score
-        best_idx = best_idx + col0
     z.sub_(_reference_max(m)[:, None])  # z - m; -inf stays -inf
     e = torch.exp(z, out=e)
     d = e.sum(dim=1)
+    tempered = None
+    if inv_temperature == 1.0:
+        tempered = d
+    elif inv_temperature is not None:
+        tempered = torch.exp(torch.mul(z, inv_temperature, out=w), out=w).sum(dim=1)
     t = torch.nansum(z.mul_(e), dim=1)  # -inf * 0 gives NaN: exactly the terms that are 0
-    return _State(m, d, t, first_block * BLOCK + within + col0, top2, best, best_idx, best_logit)
+    return _State(m, d, t, first_block * BLOCK + within + col0, top2), tempered
 
 
 def _merge(a: _State, b: _State) -> _State:
@@ -95,17 +92,10 @@ def _merge(a: _State, b: _State) -> _State:
 
     da, ta = rescaled(a)
     db, tb = rescaled(b)
-    best = best_idx = best_logit = None
-    if a.best is not None:
-        b_better = b.best > a.best
-        best = torch.maximum(a.best, b.best)
-        best_idx = torch.where(b_better, b.best_idx, a.best_idx)
-        best_logit = torch.where(b_better, b.best_logit, a.best_logit)
     return _State(
         m, da + db, ta + tb,
         torch.where(b.m > a.m, b.top1_idx, a.top1_idx),
         torch.maximum(torch.maximum(a.top2, b.top2), torch.minimum(a.m, b.m)),
-        best, best_idx, best_logit,
     )
 
 
@@ -156,23 +146,64 @@ def softmax_row_stats_torch(
     inv_temperature = 1.0 / temperature if (top2 and temperature > 0) else None
     targets = targets.reshape(-1) if targets is not None else None
 
-    z_tile, e_tile = (scratch_tiles(min(rows, n_rows), _padded(cols), working_dtype(x.dtype), x.device)
-                      for _ in range(2))
+    # one uniform per row, drawn up front: a row's token does not depend on how the rows are chunked
+    uniforms = (torch.rand(n_rows, generator=generator, dtype=torch.float64, device=x.device)
+                if inv_temperature is not None else None)
+    tiles = lambda: scratch_tiles(min(rows, n_rows), _padded(cols), working_dtype(x.dtype), x.device)  # noqa: E731
+    z_tile, e_tile = tiles(), tiles()
+    w_tile = tiles() if inv_temperature not in (None, 1.0) else None  # the tempered weights' scratch
     for r0 in range(0, n_rows, rows):
-        state = None
+        state, chunk_max, chunk_tempered = None, [], []
         for c0 in range(0, vocab, cols):
             z = _load_chunk(x[r0:r0 + rows, c0:c0 + cols], scale, z_tile)
-            chunk = _chunk_state(z, c0, inv_temperature, generator, e_tile(*z.shape))
+            chunk, tempered = _chunk_state(z, c0, inv_temperature, e_tile(*z.shape), w_tile and w_tile(*z.shape))
             state = chunk if state is None else _merge(state, chunk)
+            chunk_max.append(chunk.m)
+            chunk_tempered.append(tempered)
+        sampled = None
+        if inv_temperature is not None:
+            sampled = _inverse_cdf_draw(x[r0:r0 + rows], scale, inv_temperature, cols, state.m,
+                                        torch.stack(chunk_max), torch.stack(chunk_tempered),
+                                        uniforms[r0:r0 + rows], z_tile)
         row_targets = targets[r0:r0 + rows] if targets is not None else None
-        for name, value in _finish(state, x[r0:r0 + rows], scale, row_targets).items():
+        for name, value in _finish(state, x[r0:r0 + rows], scale, row_targets, sampled).items():
             if name in out:
                 out[name][r0:r0 + rows] = value
     return out
 
 
-def _finish(s: _State, x: torch.Tensor, scale: float, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Final statistics of rows x [R, V] from their merged state; NaN / -1 for invalid rows."""
+def _inverse_cdf_draw(x: torch.Tensor, scale: float, inv_temperature: float, cols: int, m: torch.Tensor,
+                      chunk_max: torch.Tensor, chunk_tempered: torch.Tensor, uniforms: torch.Tensor,
+                      tile) -> torch.Tensor:
+    """A column of each row x [R, V] drawn from softmax(x * scale * inv_temperature): the uniform times
+    the row's tempered total picks the chunk (of `cols` columns) where the cumulative sum passes it, a
+    rescan of that chunk the column. m [R]: the row max; chunk_max, chunk_tempered [n_chunks, R]: each
+    chunk's max and tempered sum (_chunk_state); uniforms [R] float64 in [0, 1). Rows that are invalid
+    (NaN, +inf, only -inf) get some in-range index, which _finish replaces with -1."""
+    m_ref = _reference_max(m).double()
+    # each chunk's share, on the row's scale: sum over the chunk of exp((z - m) * inv_temperature)
+    weights = chunk_tempered.double() * torch.exp((chunk_max.double() - m_ref) * inv_temperature).nan_to_num(0.0)
+    cumulative = weights.cumsum(0)
+    target = uniforms * cumulative[-1]
+    chunk = (cumulative <= target).sum(0).clamp(max=len(weights) - 1)  # the first chunk whose sum passes it
+    residual = target - torch.where(chunk > 0, cumulative.gather(0, (chunk - 1).clamp(min=0)[None])[0], 0.0)
+    sampled = torch.zeros_like(chunk)
+    for c in chunk.unique().tolist():
+        picked = (chunk == c).nonzero().squeeze(1)
+        c0 = c * cols
+        z = _load_chunk(x[picked, c0:c0 + cols], scale, tile)
+        w = torch.exp((z - m_ref[picked, None].to(z.dtype)) * inv_temperature)  # -inf columns weigh 0
+        column = torch.searchsorted(w.cumsum(1, dtype=torch.float64), residual[picked, None], right=True)[:, 0]
+        # rounding can leave the residual at or past the chunk's own sum: its last column of positive weight
+        last = torch.where(w > 0, torch.arange(w.shape[1], device=w.device), 0).amax(1)
+        sampled[picked] = torch.minimum(column, last) + c0
+    return sampled
+
+
+def _finish(s: _State, x: torch.Tensor, scale: float, targets: torch.Tensor | None,
+            sampled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Final statistics of rows x [R, V] from their merged state and drawn columns (None: greedy); NaN / -1
+    for invalid rows."""
     m_ref = _reference_max(s.m)
     log_d = torch.log(s.d)
     invalid = ~torch.isfinite(s.m)  # NaN, +inf, or a row of -inf only
@@ -188,8 +219,9 @@ def _finish(s: _State, x: torch.Tensor, scale: float, targets: torch.Tensor | No
         "top1_prob": checked(top1_prob),
         "margin": checked(-torch.expm1(s.top2 - m_ref) / s.d),
         "argmax": argmax,
-        "sampled": argmax if s.best is None else s.best_idx.masked_fill(invalid, -1),
-        "sampled_prob": checked(top1_prob if s.best is None else torch.exp(s.best_logit - m_ref) / s.d),
+        "sampled": argmax if sampled is None else sampled.masked_fill(invalid, -1),
+        "sampled_prob": checked(top1_prob if sampled is None else
+                                torch.exp(x.gather(1, sampled[:, None])[:, 0].to(m_ref.dtype) * scale - m_ref) / s.d),
     }
     if targets is not None:
         ignored = targets == IGNORE_INDEX
