@@ -17,7 +17,7 @@ from atpo_fast.models import TinyDiffusionLM
 from atpo_fast.models.synthetic import write_checkpoint
 from atpo_fast.run import train
 from atpo_fast.tasks import get_task
-from atpo_fast.trainer import Trainer, build_task
+from atpo_fast.trainer import Trainer, build_model, build_task
 from atpo_fast.warmstart import cache_folder, warm_start
 
 SMALL = ["model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_length: 40}",
@@ -269,9 +269,10 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
 def test_a_damaged_warm_start_cache_is_trained_again_and_replaced(tmp_path, capsys, damage):
     """A cached copy cut short (copied between machines, a disk error) was a SafetensorError traceback."""
     config = small_config(tmp_path)
-    fresh = lambda: Trainer(config).model  # noqa: E731  the same initial weights each time (seeded)
+    task = build_task(config)
+    fresh = lambda: build_model(config, torch.device("cpu"))  # noqa: E731  the same initial weights each time (seeded)
     model = fresh()
-    warm_start(model, build_task(config), config, "cpu", progress=False)
+    warm_start(model, task, config, "cpu", progress=False)
     folder = cache_folder(config)
     weights = folder / "model.safetensors"
     if damage == "truncated weights":
@@ -279,12 +280,12 @@ def test_a_damaged_warm_start_cache_is_trained_again_and_replaced(tmp_path, caps
     else:
         (folder / "config.json").write_text("{")
     again = fresh()
-    info = warm_start(again, build_task(config), config, "cpu", progress=False)
+    info = warm_start(again, task, config, "cpu", progress=False)
     assert info["cached"] is None, "trained again"
     assert "warm start: the cached copy cannot be read" in capsys.readouterr().out
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b), "the same warm start as the first"
-    assert warm_start(fresh(), build_task(config), config, "cpu", progress=False)["cached"] == str(folder), \
+    assert warm_start(fresh(), task, config, "cpu", progress=False)["cached"] == str(folder), \
         "the damaged copy was replaced"
 
 
